@@ -159,18 +159,18 @@ def _asset(name: str, build: Callable[[Path], dict], refresh: bool = False) -> P
     """``<cache>/<name>``: verified against its manifest, (re)built by ``build(tmpdir)`` when needed."""
     path = cache_dir() / name
     if path.exists() and not refresh:
-        if name in _verified:
+        if str(path) in _verified:  # verified once per process: hashing 0.5 GB on every call is waste
             return path
         try:
             read_manifest(path, verify=True)
-            _verified.add(name)
+            _verified.add(str(path))
             return path
         except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
             log.warning("offline asset %s failed verification (%s): rebuilding it", name, exc)
     with atomic_directory(path, overwrite=True) as tmp:
         fields = build(tmp)
         write_manifest(tmp, stage=f"asset:{name}", **fields)
-    _verified.add(name)
+    _verified.add(str(path))
     return path
 
 

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from trkit.artifacts import (atomic_directory, atomic_write_json, atomic_write_text, read_manifest, sha256_file,
+                             write_manifest)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(ZeroDivisionError):
+        from trkit.artifacts import atomic_path
+
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            1 / 0
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+def test_atomic_directory_refuses_existing_and_replaces_when_told(tmp_path):
+    out = tmp_path / "stage"
+    with atomic_directory(out) as d:
+        (d / "x.txt").write_text("1")
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_directory(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out, overwrite=True) as d:
+            (d / "x.txt").write_text("2")
+            raise RuntimeError("crash mid-write")
+    assert (out / "x.txt").read_text() == "1"  # the failed rewrite left the old directory intact
+    with atomic_directory(out, overwrite=True) as d:
+        (d / "x.txt").write_text("2")
+    assert (out / "x.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_manifest_detects_truncation_and_changes(tmp_path):
+    atomic_write_text(tmp_path / "weights.bin", "0123456789")
+    m = write_manifest(tmp_path, stage="test", note="x")
+    assert m["files"]["weights.bin"] == sha256_file(tmp_path / "weights.bin")
+    assert read_manifest(tmp_path)["note"] == "x"
+    with open(tmp_path / "weights.bin", "r+") as f:
+        f.truncate(4)
+    with pytest.raises(ValueError, match="does not match its recorded sha256"):
+        read_manifest(tmp_path)
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        read_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no trkit_manifest.json"):
+        read_manifest(tmp_path / "nothing")

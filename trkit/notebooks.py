@@ -1,0 +1,162 @@
+"""Run the notebooks headless: jupytext turns the ``.py`` (percent format, the source of truth) into a
+notebook, papermill injects the parameters and executes it, and the executed ``.ipynb`` is written
+to the output folder. The first failing cell stops the run with the cell named.
+
+Also checks that each ``notebooks/NN_name.py`` and its paired ``.ipynb`` hold the same cells.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def notebooks_dir() -> Path:
+    """``notebooks/`` of the checkout this package runs from (or ``$TRKIT_NOTEBOOKS``)."""
+    env = os.environ.get("TRKIT_NOTEBOOKS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "notebooks"
+    if here.is_dir():
+        return here
+    return Path.cwd() / "notebooks"
+
+
+def list_notebooks(directory: Path | None = None) -> list[str]:
+    directory = directory or notebooks_dir()
+    return sorted(p.stem for p in directory.glob("[0-9][0-9]_*.py"))
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def check_pairs(directory: Path | None = None) -> list[str]:
+    """Problems with the ``.py``/``.ipynb`` pairing, one line each (empty list = all in sync)."""
+    import jupytext
+
+    directory = directory or notebooks_dir()
+    problems = []
+    for name in list_notebooks(directory):
+        py, ipynb = directory / f"{name}.py", directory / f"{name}.ipynb"
+        if not ipynb.exists():
+            problems.append(f"{name}: no paired {ipynb.name} (run: jupytext --sync notebooks/{name}.py)")
+            continue
+        a, b = _cells(jupytext.read(py)), _cells(jupytext.read(ipynb))
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            problems.append(f"{name}: .py and .ipynb differ from cell {first} on "
+                            f"(run: jupytext --sync notebooks/{name}.py)")
+        if not any("parameters" in c.metadata.get("tags", []) for c in jupytext.read(py).cells):
+            problems.append(f"{name}: no cell tagged 'parameters' (papermill needs one)")
+    return problems
+
+
+def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | None = None,
+                 timeout: int | None = None) -> Path:
+    """Execute one notebook; return the executed ``.ipynb``. Raises RuntimeError naming the failing cell."""
+    import jupytext
+    import nbformat
+    import papermill as pm
+
+    directory = directory or notebooks_dir()
+    src = directory / f"{name}.py"
+    if not src.exists():
+        raise FileNotFoundError(f"no notebook {src}; available: {', '.join(list_notebooks(directory))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb = jupytext.read(src)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    staged = out_dir / f".{name}.input.ipynb"
+    nbformat.write(nb, staged)
+    executed = out_dir / f"{name}.ipynb"
+    try:
+        pm.execute_notebook(
+            str(staged), str(executed), parameters=parameters, kernel_name="python3",
+            cwd=str(out_dir), progress_bar=False, execution_timeout=timeout,
+        )
+    except pm.PapermillExecutionError as exc:
+        ran = nbformat.read(executed, as_version=4) if executed.exists() else None
+        heading = _heading_before(ran, exc.cell_index) if ran else ""
+        # number the cell as the user sees it in the .py: code cells, papermill's injected one not counted
+        number = sum(1 for c in ran.cells[: exc.cell_index + 1] if c.cell_type == "code"
+                     and "injected-parameters" not in c.metadata.get("tags", [])) if ran else exc.exec_count
+        raise RuntimeError(
+            f"{name}: code cell {number} failed{(' (in step: ' + heading + ')') if heading else ''}: "
+            f"{exc.ename}: {exc.evalue}\n  executed notebook with the traceback: {executed}"
+        ) from None
+    finally:
+        staged.unlink(missing_ok=True)
+    return executed
+
+
+def _heading_before(nb, index: int) -> str:
+    for cell in reversed(nb.cells[: index + 1]):
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("# ").strip()
+    return ""
+
+
+def run_notebooks(names: list[str] | None, profile: str, out: str | os.PathLike,
+                  extra: dict | None = None) -> list[Path]:
+    """Run ``names`` (default: all, in order) on ``profile``; each writes into ``<out>/work``."""
+    out_dir = Path(out).resolve()
+    names = names or list_notebooks()
+    if not names:
+        raise FileNotFoundError(f"no notebooks found in {notebooks_dir()}")
+    workdir = out_dir / "work"
+    params = {"profile": profile, "workdir": str(workdir), **(extra or {})}
+    done = []
+    for name in names:
+        t0 = time.time()
+        print(f"[trkit] running {name} (profile={profile}) ...", flush=True)
+        path = run_notebook(name, out_dir, params)
+        print(f"[trkit] {name} ok in {time.time() - t0:.0f}s -> {path}", flush=True)
+        done.append(path)
+    return done
+
+
+def _parse_params(items: list[str]) -> dict:
+    import json
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"-p expects KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    run = sub.add_parser("run", help="execute notebooks headless (all by default, in order)")
+    run.add_argument("names", nargs="*", help="notebook names, e.g. 00_setup 01_vocab (default: all)")
+    run.add_argument("--profile", default="cpu", help="hardware profile passed to each notebook (default: cpu)")
+    run.add_argument("--out", default="runs/demo", help="folder for executed notebooks and their artifacts")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra papermill parameter (JSON value or string); repeatable")
+    sub.add_parser("list", help="list the notebooks")
+    sub.add_parser("check", help="check every .py/.ipynb pair is in sync")
+
+
+def run_cli(args) -> int:
+    if args.action == "list":
+        print("\n".join(list_notebooks()))
+        return 0
+    if args.action == "check":
+        problems = check_pairs()
+        print("\n".join(problems) if problems else "all notebook pairs in sync")
+        return 1 if problems else 0
+    try:
+        run_notebooks(args.names, args.profile, args.out, _parse_params(args.param))
+    except RuntimeError as exc:
+        print(f"[trkit] FAILED {exc}", file=sys.stderr)
+        return 1
+    return 0
