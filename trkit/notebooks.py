@@ -77,11 +77,7 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
             cwd=str(out_dir), progress_bar=False, execution_timeout=timeout,
         )
     except pm.PapermillExecutionError as exc:
-        ran = nbformat.read(executed, as_version=4) if executed.exists() else None
-        heading = _heading_before(ran, exc.cell_index) if ran else ""
-        # number the cell as the user sees it in the .py: code cells, papermill's injected one not counted
-        number = sum(1 for c in ran.cells[: exc.cell_index + 1] if c.cell_type == "code"
-                     and "injected-parameters" not in c.metadata.get("tags", [])) if ran else exc.exec_count
+        number, heading = _locate_failure(executed) if executed.exists() else (exc.exec_count, "")
         raise RuntimeError(
             f"{name}: code cell {number} failed{(' (in step: ' + heading + ')') if heading else ''}: "
             f"{exc.ename}: {exc.evalue}\n  executed notebook with the traceback: {executed}"
@@ -91,13 +87,22 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
     return executed
 
 
-def _heading_before(nb, index: int) -> str:
-    for cell in reversed(nb.cells[: index + 1]):
+def _locate_failure(executed: Path) -> tuple[int, str]:
+    """(number of the failing code cell as the user counts them in the .py, the step heading above it)."""
+    import nbformat
+
+    number, heading = 0, ""
+    for cell in nbformat.read(executed, as_version=4).cells:
+        tags = cell.metadata.get("tags", [])
+        if "papermill-error-cell-tag" in tags or "injected-parameters" in tags:
+            continue  # papermill's own cells, not the user's
         if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("#"):
-                    return line.lstrip("# ").strip()
-    return ""
+            heading = next((ln.lstrip("# ").strip() for ln in cell.source.splitlines() if ln.startswith("#")), heading)
+        elif cell.cell_type == "code":
+            number += 1
+            if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+                return number, heading
+    return number, heading
 
 
 def run_notebooks(names: list[str] | None, profile: str, out: str | os.PathLike,
