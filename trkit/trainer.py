@@ -1,0 +1,278 @@
+"""Training loops that drive SophiaG's Gauss-Newton-Bartlett (GNB) Hessian pass: the HF Trainer and a plain loop.
+
+SophiaG (:mod:`trkit.sophia`) needs, besides its ordinary ``step()``, a second kind of pass every
+``k`` optimizer steps (Liu et al. 2023, Algorithm 2; reference ``train_sophiag.py``): a fresh
+forward on a batch, labels sampled from the model's own softmax, mean cross-entropy, backward, then
+``optimizer.update_hessian()``, then zeroed gradients. This module owns *when* and *how* that pass
+runs, once, for every loop trkit has:
+
+* :func:`run_gnb_pass` - one pass on one batch. Under fp16 with a GradScaler the backward is scaled
+  and the gradients are unscaled by hand before the Hessian sees them (``scaler.unscale_`` would
+  mark the optimizer as unscaled until the next ``scaler.update()`` and make the next training
+  step fail); a pass whose gradients overflowed is skipped, as GradScaler skips a step. Like the
+  reference, the GNB gradient is clipped to ``max_grad_norm`` when one is set. It writes the number
+  of positions it averaged over into the optimizer's ``bs`` (``N * g_hat**2`` is the unbiased
+  estimate, see :mod:`trkit.sophia`), so a pass on one micro-batch stays correctly scaled.
+* :class:`HessianSchedule` - the cadence. A pass is due when ``global_step % k == 0``: the global
+  step counts finished optimizer steps, so this is the reference's "after step k-1, 2k-1, ..." and a
+  run resumed from a checkpoint keeps its phase (the Hessian EMA itself is optimizer state and is
+  saved with it). At step 0 it runs one pass *before* the first update (``warm_start``, on by
+  default) that seeds h, because with h = 0 every coordinate takes a full-``lr`` sign step. Labels
+  are drawn from a generator seeded by ``(seed, global_step)``, so a resumed run samples the same
+  labels as an uninterrupted one. After each pass it records the win rate (share of coordinates
+  not clipped; keep it in 0.1-0.5 by tuning rho) and the Hessian norm.
+* :class:`TrkitTrainer` - a ``transformers.Trainer`` that runs the schedule whenever its optimizer
+  is a SophiaG (any other optimizer trains as usual, so the later stages, distillation and QLoRA,
+  subclass this one trainer) and adds ``sophia/*`` numbers to its logs.
+
+Plain PyTorch loop::
+
+    schedule = HessianSchedule(optimizer, k=10, seed=0)
+    for global_step, batch in enumerate(batches):
+        schedule.maybe_update(model, batch, global_step, scaler=scaler)   # GNB pass when due
+        loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from transformers import Trainer
+
+from trkit.sophia import SophiaG, gauss_newton_bartlett_loss
+
+# Batch keys a causal LM's forward takes for the GNB pass; labels are never passed (we sample them).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+@dataclass
+class GNBStats:
+    """What one GNB pass did."""
+
+    global_step: int
+    positions: int  # label positions averaged over (written into the optimizer's bs)
+    loss: float  # the GNB loss (cross-entropy against sampled labels)
+    initialized: bool  # True for the warm-start pass that seeded h
+    skipped: bool = False  # True when fp16 gradients overflowed and h was left as it was
+    win_rate: float = float("nan")
+    hessian_norm: float = float("nan")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    # AcceleratedOptimizer subclasses torch.optim.Optimizer itself, so unwrap by attribute, not by type.
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    if isinstance(outputs, Mapping):
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0]
+    return outputs
+
+
+def run_gnb_pass(
+    model: torch.nn.Module,
+    inputs: Mapping[str, Any],
+    optimizer: SophiaG,
+    *,
+    initialize: bool = False,
+    scaler: Any = None,
+    generator: torch.Generator | None = None,
+    max_grad_norm: float = 0.0,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    model_inputs: Callable[[Mapping[str, Any]], dict] | None = None,
+    global_step: int = 0,
+) -> GNBStats:
+    """One GNB pass on ``inputs``: forward, sampled-label mean CE, backward, update (or seed) h, zero grads.
+
+    Gradients must be empty on entry (call it between optimizer steps); they are empty on return.
+    ``forward_context`` wraps the forward (autocast); ``model_inputs`` picks the forward's arguments
+    from the batch (default: :data:`MODEL_INPUT_KEYS`).
+    """
+    if not isinstance(optimizer, SophiaG):
+        raise TypeError(f"run_gnb_pass needs a trkit.sophia.SophiaG optimizer, got {type(optimizer).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    held = [p.grad.detach().abs().amax() for p in params if p.grad is not None]
+    if held and bool(torch.stack([h.float() for h in held]).amax() > 0):  # one device sync, not one per tensor
+        raise RuntimeError("run_gnb_pass called with gradients already accumulated: run it before the "
+                           "training backward of a step (or after optimizer.zero_grad())")
+    pick = model_inputs or (lambda batch: {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS})
+    with forward_context():
+        outputs = model(**pick(inputs))
+    loss, n = gauss_newton_bartlett_loss(
+        _logits_of(outputs), inputs.get("labels"), attention_mask=inputs.get("attention_mask"), generator=generator
+    )
+    del outputs
+    scale = None
+    if scaler is not None and scaler.is_enabled():
+        scale = float(scaler.get_scale())
+        (loss * scale).backward()
+    else:
+        loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    skipped = False
+    with torch.no_grad():
+        if scale is not None:
+            for g in grads:
+                g.mul_(1.0 / scale)
+            skipped = not all(bool(torch.isfinite(g).all()) for g in grads)
+        if not skipped and max_grad_norm and max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+    if not skipped:
+        for group in optimizer.param_groups:
+            group["bs"] = n
+        optimizer.init_hessian() if initialize else optimizer.update_hessian()
+    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    return GNBStats(global_step=global_step, positions=n, loss=float(loss.detach()), initialized=initialize and not skipped,
+                    skipped=skipped)
+
+
+@dataclass
+class HessianSchedule:
+    """When to run the GNB pass (every ``k`` optimizer steps, from the global step) and its bookkeeping.
+
+    Args:
+        optimizer: the SophiaG (or accelerate's wrapper around it).
+        k: Hessian interval (10 in the paper).
+        warm_start: run one pass before the first step and seed h with it (see :mod:`trkit.sophia`).
+        seed: seeds the label sampler together with the global step.
+        max_grad_norm: clip the GNB gradient to this norm first, as the reference does (0: off).
+    """
+
+    optimizer: Any
+    k: int = 10
+    warm_start: bool = True
+    seed: int = 0
+    max_grad_norm: float = 0.0
+    history: list[GNBStats] = field(default_factory=list)
+    _last_step: int | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"Hessian interval k must be >= 1, got {self.k}")
+        if not isinstance(unwrap_optimizer(self.optimizer), SophiaG):
+            raise TypeError("HessianSchedule drives a trkit.sophia.SophiaG; got "
+                            f"{type(unwrap_optimizer(self.optimizer)).__name__}")
+
+    def due(self, global_step: int) -> bool:
+        """True when a pass belongs before optimizer step ``global_step + 1`` and has not run yet."""
+        if self._last_step == global_step:
+            return False
+        if global_step == 0:
+            return self.warm_start
+        return global_step % self.k == 0
+
+    def generator(self, device: torch.device | str, global_step: int) -> torch.Generator:
+        """The label sampler of the pass at ``global_step``: the same draws after a resume."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + global_step)
+
+    def maybe_update(self, model: torch.nn.Module, inputs: Mapping[str, Any], global_step: int, **kwargs) -> GNBStats | None:
+        """Run the GNB pass on ``inputs`` if one is due at ``global_step``; return its stats (or None).
+
+        Extra keyword arguments go to :func:`run_gnb_pass` (``scaler``, ``forward_context``, ``model_inputs``).
+        """
+        if not self.due(global_step):
+            return None
+        optimizer = unwrap_optimizer(self.optimizer)
+        device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        stats = run_gnb_pass(
+            model, inputs, optimizer, initialize=(global_step == 0 and self.warm_start),
+            generator=self.generator(device, global_step), max_grad_norm=self.max_grad_norm, global_step=global_step, **kwargs,
+        )
+        self._last_step = global_step
+        stats.win_rate = optimizer.win_rate()
+        stats.hessian_norm = optimizer.hessian_norm()
+        self.history.append(stats)
+        return stats
+
+    def log_dict(self) -> dict[str, float]:
+        """The latest pass as ``sophia/*`` numbers for a logger."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        return {"sophia/win_rate": last.win_rate, "sophia/hessian_norm": last.hessian_norm,
+                "sophia/gnb_loss": last.loss, "sophia/bs": float(last.positions),
+                "sophia/gnb_skipped": float(sum(s.skipped for s in self.history))}
+
+
+@dataclass
+class SophiaConfig:
+    """SophiaG settings for :class:`TrkitTrainer`; ``lr`` and ``weight_decay`` come from TrainingArguments."""
+
+    rho: float = 0.04
+    betas: tuple[float, float] = (0.965, 0.99)
+    k: int = 10
+    warm_start: bool = True
+    clip_gnb_gradient: bool = True  # clip the GNB gradient to args.max_grad_norm, as the reference does
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrkitTrainer(Trainer):
+    """``transformers.Trainer`` + SophiaG's GNB pass every ``k`` steps (only when the optimizer is SophiaG).
+
+    Pass ``sophia=SophiaConfig(...)`` to have the trainer build a SophiaG (decay / no-decay groups as
+    the Trainer does for AdamW, ``lr = args.learning_rate``, ``weight_decay = args.weight_decay``), or
+    pass your own SophiaG in ``optimizers=`` (then ``SophiaConfig()`` defaults give k etc.). With
+    ``sophia=None`` and any other optimizer it is the plain Trainer. The pass runs on the first micro-batch of a due step,
+    before that micro-batch's training backward (the reference uses the next training batch too),
+    inside the Trainer's autocast, with the Trainer's GradScaler when training in fp16.
+
+    Subclasses with extra batch keys (teacher logits for distillation) override :meth:`gnb_model_inputs`.
+    """
+
+    def __init__(self, *args, sophia: SophiaConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sophia = sophia  # None: the optimizer is args.optim (or optimizers=); a SophiaG there still gets its GNB pass
+        self.hessian_schedule: HessianSchedule | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.sophia is not None and self.optimizer_cls_and_kwargs is None:
+            self.optimizer_cls_and_kwargs = (SophiaG, {"lr": self.args.learning_rate, "rho": self.sophia.rho,
+                                                       "betas": tuple(self.sophia.betas)})
+        return super().create_optimizer(model)
+
+    def gnb_model_inputs(self, inputs: Mapping[str, Any]) -> dict:
+        """The forward arguments of the GNB pass (labels are sampled, never passed)."""
+        return {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+
+    def _schedule(self) -> HessianSchedule | None:
+        optimizer = unwrap_optimizer(self.optimizer)
+        if not isinstance(optimizer, SophiaG):
+            return None
+        if self.hessian_schedule is None or unwrap_optimizer(self.hessian_schedule.optimizer) is not optimizer:
+            config = self.sophia or SophiaConfig()
+            clip = self.args.max_grad_norm if config.clip_gnb_gradient else 0.0
+            self.hessian_schedule = HessianSchedule(optimizer, k=config.k, warm_start=config.warm_start,
+                                                    seed=self.args.seed, max_grad_norm=clip)
+        return self.hessian_schedule
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        schedule = self._schedule()
+        if schedule is not None and schedule.due(self.state.global_step):
+            model.train()
+            prepared = self._prepare_inputs(inputs)
+            schedule.maybe_update(
+                model, prepared, self.state.global_step,
+                scaler=getattr(self.accelerator, "scaler", None),
+                forward_context=self.compute_loss_context_manager,
+                model_inputs=self.gnb_model_inputs,
+            )
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.hessian_schedule is not None and not any(k.startswith("eval_") for k in logs):
+            logs.update({k: v for k, v in self.hessian_schedule.log_dict().items() if not math.isnan(v)})
+        super().log(logs, start_time)
