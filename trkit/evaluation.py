@@ -1,0 +1,356 @@
+"""Honest evaluation of language models across vocabularies: bits per character and per byte.
+
+Per-token perplexity cannot compare two tokenizers: a model whose tokenizer spends half as many
+tokens on Turkish has a larger per-token loss even when it predicts the text better. Normalising
+the *total* negative log-likelihood of a text by the text's length makes the numbers comparable
+(Graves 2013, "Generating sequences with recurrent neural networks", bits per character; Gao et
+al. 2020, "The Pile", bits per UTF-8 byte):
+
+    BPC = - sum_t log p(x_t | x_<t) / (n_chars * ln 2)        BPB = same / n_bytes
+
+Each document is scored on its own, its first token conditioned on a document-separator token
+(``<|endoftext|>`` where the vocabulary has one, else BOS, else EOS; the same id for a base model
+and its vocabulary extension, so both pay for every character). A document longer than the
+window is scored with a sliding window (Press et al. 2021; the Hugging Face "perplexity of
+fixed-length models" recipe): windows of ``max_length`` tokens advance by ``stride`` tokens and
+only the targets not scored by an earlier window are counted, so every token is scored exactly
+once with at least ``max_length - stride`` tokens of context.
+
+Windows from all documents are sorted by length and batched with left padding; only the scored
+tail of each window's logits is materialised (``logits_to_keep``), and the log-softmax is taken in
+float32 in row chunks, so memory stays at ``batch * stride * vocab`` instead of ``batch *
+max_length * vocab``.
+
+Later stages add their measurements here (forgetting on English, benchmarks); every one of them
+reports characters, bytes and tokens beside the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Text in
+# --------------------------------------------------------------------------------------------
+
+
+def read_documents(path: str | Path, unit: str = "line") -> list[str]:
+    """Read a UTF-8 text file as documents: one per non-empty line (``unit="line"``, the format
+    of trkit's corpus and validation files) or the whole file as one document (``"file"``).
+
+    Only the documents' own characters are counted by the scores (not the newlines between
+    line documents)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file: pass an existing UTF-8 text file to --text")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid UTF-8 ({exc}); re-encode it as UTF-8") from None
+    if unit == "line":
+        docs = [line for line in text.splitlines() if line.strip()]
+    elif unit == "file":
+        docs = [text] if text.strip() else []
+    else:
+        raise ValueError(f"unit must be 'line' or 'file', not {unit!r}")
+    if not docs:
+        raise ValueError(f"{path} holds no text to score; pass a non-empty file")
+    return docs
+
+
+def document_prefix_id(tokenizer) -> int:
+    """The token every document is conditioned on: the pretraining document separator
+    ``<|endoftext|>`` if the vocabulary has one (GPT-2 style BPE: SmolLM2, Qwen), else BOS, else EOS."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError(
+        "the tokenizer has no <|endoftext|>, BOS or EOS token to start documents with; "
+        "set tokenizer.bos_token before scoring"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextScore:
+    """Totals for one set of documents; the rates are derived from them."""
+
+    documents: int
+    chars: int
+    bytes: int
+    tokens: int
+    nll_nats: float
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nll_nats / (self.chars * LN2) if self.chars else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_nats / (self.bytes * LN2) if self.bytes else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll_nats / (self.tokens * LN2) if self.tokens else float("nan")
+
+    def __add__(self, other: "TextScore") -> "TextScore":
+        return TextScore(
+            self.documents + other.documents,
+            self.chars + other.chars,
+            self.bytes + other.bytes,
+            self.tokens + other.tokens,
+            self.nll_nats + other.nll_nats,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["chars_per_token"] = self.chars / self.tokens if self.tokens else float("nan")
+        d["bits_per_char"] = self.bits_per_char
+        d["bits_per_byte"] = self.bits_per_byte
+        return d
+
+
+def sliding_windows(n_targets: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence ``s`` of ``n_targets + 1`` ids (prefix + tokens).
+
+    Returns ``(start, end, n_scored)``: the window feeds ``s[start:end]`` and predicts
+    ``s[start+1:end+1]``; its last ``n_scored`` predictions are new. Every target index
+    1..n_targets is scored exactly once, with at least ``max_length - stride`` tokens of context
+    once the first window is full.
+    """
+    if max_length < 1 or not 1 <= stride <= max_length:
+        raise ValueError(f"need 1 <= stride <= max_length, got stride={stride}, max_length={max_length}")
+    out = []
+    prev_end = 0
+    end = min(max_length, n_targets)
+    while True:
+        out.append((max(0, end - max_length), end, end - prev_end))
+        if end >= n_targets:
+            return out
+        prev_end, end = end, min(end + stride, n_targets)
+
+
+def _nll_of_batch(model, windows: list[list[int]], n_scored: list[int], device) -> list[float]:
+    """Summed negative log-likelihood (nats) of the scored tail of each window (left-padded batch)."""
+    import torch
+
+    width = max(len(w) for w in windows) - 1  # inputs are w[:-1], targets w[1:]
+    keep = max(n_scored)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.long)
+    targets = torch.full((len(windows), keep), -100, dtype=torch.long)
+    for row, (w, m) in enumerate(zip(windows, n_scored)):
+        n = len(w) - 1
+        ids[row, width - n :] = torch.tensor(w[:-1])
+        mask[row, width - n :] = 1
+        targets[row, keep - m :] = torch.tensor(w[len(w) - m :])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits  # (batch, keep, vocab) in the model's dtype
+    targets = targets.to(logits.device)
+    nll = torch.zeros(len(windows), dtype=torch.float64, device=logits.device)
+    rows_per_chunk = max(1, (1 << 25) // logits.shape[-1])  # ~128 MB of float32 at a time
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    row_of = torch.arange(len(windows), device=logits.device).repeat_interleave(keep)
+    for lo in range(0, flat_logits.shape[0], rows_per_chunk):
+        chunk = flat_logits[lo : lo + rows_per_chunk].float()
+        t = flat_targets[lo : lo + rows_per_chunk]
+        loss = torch.nn.functional.cross_entropy(chunk, t.clamp(min=0), reduction="none")
+        loss = torch.where(t >= 0, loss, torch.zeros_like(loss))
+        nll.index_add_(0, row_of[lo : lo + rows_per_chunk], loss.double())
+    if not torch.isfinite(nll).all():
+        raise RuntimeError("the model produced non-finite log-likelihoods (NaN/Inf weights or logits)")
+    return nll.tolist()
+
+
+def score_documents(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "bpc",
+) -> TextScore:
+    """Total NLL of ``documents`` under ``model`` (each document scored on its own, see module doc).
+
+    ``max_length`` defaults to min(1024, the model's context); ``stride`` to half of it.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if not documents:
+        raise ValueError("no documents to score")
+    if max_length is None:
+        max_length = min(1024, int(getattr(model.config, "max_position_embeddings", 1024) or 1024))
+    stride = max_length // 2 if stride is None else stride
+    prefix = document_prefix_id(tokenizer)
+    encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    items = []  # (window ids, n_scored)
+    for ids in encoded:
+        if ids and max(ids) >= n_vocab:
+            raise ValueError(
+                f"the tokenizer produces id {max(ids)} but the model has only {n_vocab} embedding rows: "
+                "use the model that belongs to this tokenizer (run `trkit embed` first for an extended tokenizer)"
+            )
+        seq = [prefix] + list(ids)
+        for start, end, n_scored in sliding_windows(len(ids), max_length, stride):
+            if n_scored:
+                items.append((seq[start : end + 1], n_scored))
+    items.sort(key=lambda it: len(it[0]), reverse=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.inference_mode(), tqdm(total=len(items), desc=desc, unit="win", disable=not progress) as bar:
+            for lo in range(0, len(items), batch_size):
+                batch = items[lo : lo + batch_size]
+                total += sum(_nll_of_batch(model, [w for w, _ in batch], [m for _, m in batch], device))
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return TextScore(
+        documents=len(documents),
+        chars=sum(len(d) for d in documents),
+        bytes=sum(len(d.encode("utf-8")) for d in documents),
+        tokens=sum(len(ids) for ids in encoded),
+        nll_nats=total,
+    )
+
+
+def bits_per_char(model, tokenizer, documents: Sequence[str] | str, **kwargs) -> float:
+    """Bits per character of ``documents`` (a string is one document). See ``score_documents``."""
+    docs = [documents] if isinstance(documents, str) else documents
+    return score_documents(model, tokenizer, docs, **kwargs).bits_per_char
+
+
+def bits_per_byte(model, tokenizer, documents: Sequence[str] | str, **kwargs) -> float:
+    """Bits per UTF-8 byte of ``documents`` (a string is one document). See ``score_documents``."""
+    docs = [documents] if isinstance(documents, str) else documents
+    return score_documents(model, tokenizer, docs, **kwargs).bits_per_byte
+
+
+def evaluate_files(
+    model, tokenizer, paths: Iterable[str | Path], *, unit: str = "line", progress: bool = True, **kwargs
+) -> dict:
+    """Score each file and all of them pooled: ``{"files": {path: {...}}, "pooled": {...}}``."""
+    per_file: dict[str, dict] = {}
+    pooled: TextScore | None = None
+    for path in paths:
+        docs = read_documents(path, unit=unit)
+        score = score_documents(model, tokenizer, docs, progress=progress, desc=Path(path).name, **kwargs)
+        per_file[str(path)] = score.to_dict()
+        pooled = score if pooled is None else pooled + score
+    if pooled is None:
+        raise ValueError("no files given: pass at least one --text FILE")
+    return {"files": per_file, "pooled": pooled.to_dict()}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading (shared by the CLI stages that score a model)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, "torch.dtype"]:
+    """``auto``: CUDA if present, else CPU; bfloat16 (fast on GPUs and on CPUs with AVX512-BF16/AMX)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16"
+    try:
+        torch_dtype = getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
+    return device, torch_dtype
+
+
+def _resolve(name_or_path: str, kind: str) -> str:
+    """Map the offline aliases ('smollm2', 'qwen3-tiny', 'qwen3') through trkit.assets; dirs/hub names pass."""
+    if Path(name_or_path).exists():
+        return str(name_or_path)
+    try:
+        from trkit import assets
+    except ImportError:  # assets is optional for dirs and hub names
+        return name_or_path
+    fn = getattr(assets, "resolve_model" if kind == "model" else "resolve_tokenizer")
+    return str(fn(name_or_path))
+
+
+def load_model_and_tokenizer(model: str, tokenizer: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """A causal LM and its tokenizer from a directory, an offline alias or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, torch_dtype = resolve_device_dtype(device, dtype)
+    model_path = _resolve(model, "model")
+    tok_path = _resolve(tokenizer, "tokenizer") if tokenizer else model_path
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
+    return lm, tok
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m trkit bpc --model DIR --text FILE... --json
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model dir, hub name, or offline alias (smollm2, qwen3-tiny)")
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: the model's own)")
+    parser.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to score")
+    parser.add_argument("--unit", choices=["line", "file"], default="line",
+                        help="a document is one line (default; trkit corpus format) or the whole file")
+    parser.add_argument("--max-length", type=int, default=None, help="window length in tokens (default min(1024, context))")
+    parser.add_argument("--stride", type=int, default=None, help="window stride in tokens (default max_length/2)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 (auto: bfloat16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    report = evaluate_files(
+        model, tokenizer, args.text, unit=args.unit, max_length=args.max_length, stride=args.stride,
+        batch_size=args.batch_size, progress=sys.stderr.isatty() or not args.json,
+    )
+    report = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), **report}
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(f"{'file':40s} {'chars':>9s} {'tokens':>8s} {'chars/tok':>9s} {'BPC':>7s} {'BPB':>7s}")
+    for name, r in [*report["files"].items(), ("pooled", report["pooled"])]:
+        print(f"{Path(name).name[:40]:40s} {r['chars']:9d} {r['tokens']:8d} {r['chars_per_token']:9.3f} "
+              f"{r['bits_per_char']:7.4f} {r['bits_per_byte']:7.4f}")
+    return 0
