@@ -91,9 +91,10 @@ def _iter_dense_row_chunks(layer: nn.Module, chunk_elements: int = _ROW_CHUNK_EL
         if state.nested:  # double quantisation: the per-block scales are themselves 8-bit blockwise
             absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
         block = state.blocksize
-        # a chunk must start on a quantisation block: rows per chunk a multiple of block/gcd(in, block)
-        step = block // math.gcd(in_f, block)
-        rows = max(step, (chunk_elements // in_f) // step * step)
+        # Chunks of whole rows start on a quantisation block when in_features is a multiple of the
+        # block size (true of every Qwen3 projection). Otherwise dequantise in one piece:
+        # bitsandbytes' CPU kernel (0.50) gives chunk-dependent results for such shapes.
+        rows = max(1, chunk_elements // in_f) if in_f % block == 0 else out_f
         packed = layer.weight.data.reshape(-1).view(torch.uint8)
         for r0 in range(0, out_f, rows):
             r1 = min(out_f, r0 + rows)
