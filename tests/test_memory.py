@@ -140,6 +140,24 @@ def test_activation_model_matches_autograd_saved_tensors(checkpointing):
     assert per_layer == pytest.approx(predicted, rel=0.02)
 
 
+def test_logits_term_matches_the_measured_peak():
+    """12 bytes per token per vocabulary entry: the peak of transformers' fp32 loss over half-precision logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    tokens, vocab = 512, 65536
+    hidden = torch.randn(1, tokens, 32, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.randn(vocab, 32, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    monitor = MemoryMonitor(interval=0.002)
+    with monitor, monitor.phase("loss") as phase:
+        logits = hidden @ head.T  # what lm_head returns
+        loss = ForCausalLMLoss(logits, labels, vocab_size=vocab)
+        del logits  # the Trainer drops the model outputs before backward
+        loss.backward()
+    measured = (phase.peak_rss - phase.rss_start) / (tokens * vocab)
+    assert measured == pytest.approx(12, rel=0.15)
+
+
 def test_breakdown_adds_up_and_moves_the_right_way():
     est = estimate_training_memory("Qwen/Qwen3-8B", weights="nf4", batch_size=1, seq_len=1024)
     assert est.total == sum(est.breakdown.values())
