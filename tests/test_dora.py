@@ -134,8 +134,9 @@ def test_outputs_and_gradients_match_peft(tiny_dir, kind, use_rslora):
     assert trainable and all(("lora_" in n) for n in trainable)
 
 
-def test_dropout_follows_peft_semantics(tiny_dir):
-    ours, theirs = make_pair(tiny_dir, "linear", dropout=0.3)
+@pytest.mark.parametrize("kind", ["linear", "4bit"])
+def test_dropout_follows_peft_semantics(tiny_dir, kind):
+    ours, theirs = make_pair(tiny_dir, kind, dropout=0.3)
     ours.train(), theirs.train()
     ids, mask = batch(1)
     torch.manual_seed(123)
@@ -386,7 +387,7 @@ def test_merge_4bit_requantises_like_peft_and_unmerges_exactly(tiny_dir):
 def test_eval_norm_cache_follows_adapter_changes(tiny_dir):
     ours, _ = make_pair(tiny_dir, "linear")
     layer = next(iter(dora.dora_layers(ours).values()))
-    rows = []  # rows the base layer sees: tokens + r when n is computed, tokens when it is cached
+    rows = []  # rows per base-layer call: x (3) and A (r) when n is computed, x alone when it is cached
     layer.base_layer.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     layer.eval()
     x = torch.randn(3, layer.in_features)
@@ -397,7 +398,8 @@ def test_eval_norm_cache_follows_adapter_changes(tiny_dir):
         changed = layer(x)
         layer._norm_cache = None
         recomputed = layer(x)
-    assert rows == [3 + layer.r, 3, 3 + layer.r, 3 + layer.r]
+    r = layer.r
+    assert rows == [3, r, 3, 3, r, 3, r]
     torch.testing.assert_close(again, first, **OUT_TOL)
     torch.testing.assert_close(recomputed, changed, **OUT_TOL)
     assert not torch.allclose(changed, first, rtol=1e-3, atol=1e-3)

@@ -19,8 +19,9 @@ in every forward. We expand the square instead; nothing larger than out×r or r�
 
 ‖W0‖²_row is computed once when the layer is wrapped (row chunk by row chunk for bitsandbytes
 4-bit/8-bit weights) and kept as a buffer. W0·Aᵀ comes from running the frozen base layer on the r
-rows of A and subtracting its bias, so a bitsandbytes layer uses its own kernel. The sums are
-accumulated in fp32.
+rows of A and subtracting its bias, so a bitsandbytes layer uses its own kernel; for such a layer
+the r rows are stacked under the tokens, [x; A], so W0 is dequantised once per forward, not twice.
+G, the row sums and n² are accumulated in fp32. In eval mode n is cached until A or B change.
 
 Dropout follows PEFT: in training with p > 0 the adapter branch sees x' = dropout(x) and the output
 is base(x) + (m/n − 1)·W0·x' + (m/n)·s·B·A·x' (one more base GEMM on x'); otherwise x' = x and the
@@ -203,6 +204,30 @@ class DoRALinear(nn.Module):
             w0_at[:, r0:r1] = A @ w.float().T
         return self._norm_from_w0_at(w0_at)
 
+    def _base_outputs(self, x: torch.Tensor, x_dropped: torch.Tensor | None):
+        """base(x), base(x') (when dropout is active) and (W0·Aᵀ)ᵀ + b, all from the base layer itself.
+
+        A bitsandbytes layer dequantises all of W0 on every call, so it gets one call on the stacked
+        rows [x; x'; A]. A dense layer gets separate calls: a 16-row GEMM re-reads W0 once, which is
+        cheaper than copying x into a stack and zero-filling the stack's gradient.
+        """
+        A = self.lora_A.weight.detach().to(x.dtype)
+        if _bnb_kind(self.base_layer) is None:
+            base_out = self.base_layer(x)
+            base_dropped = self.base_layer(x_dropped.to(x.dtype)) if x_dropped is not None else None
+            with torch.no_grad():
+                w0_at = self.base_layer(A).float()
+            return base_out, base_dropped, w0_at
+        rows = [x.reshape(-1, self.in_features)]
+        if x_dropped is not None:
+            rows.append(x_dropped.to(x.dtype).reshape(-1, self.in_features))
+        rows.append(A)
+        full = self.base_layer(torch.cat(rows))
+        tokens = rows[0].shape[0]
+        base_out = full[:tokens].view(*x.shape[:-1], self.out_features)
+        base_dropped = full[tokens : 2 * tokens].view_as(base_out) if x_dropped is not None else None
+        return base_out, base_dropped, full[-self.r :].detach().float()
+
     def _cache_key(self, dtype: torch.dtype) -> tuple:
         A, B = self.lora_A.weight, self.lora_B.weight
         return (dtype, A.device, A._version, B._version, A.data_ptr(), B.data_ptr())
@@ -223,22 +248,12 @@ class DoRALinear(nn.Module):
             base_out = self.base_layer(x)
             base_dropped = None
         else:
-            # One call of the base layer on [x; x'; A]: its own kernel (4-bit/8-bit included) gives
-            # base(x), base(x') and W0·Aᵀ + b in a single pass over (or dequantisation of) W0.
-            rows = [x.reshape(-1, self.in_features)]
-            if dropout_active:
-                rows.append(x_lora.to(x.dtype).reshape(-1, self.in_features))
-            rows.append(A.detach().to(x.dtype))
-            full = self.base_layer(torch.cat(rows))
-            tokens = rows[0].shape[0]
-            w0_at = full[-self.r :].detach().float()
+            base_out, base_dropped, w0_at = self._base_outputs(x, x_lora if dropout_active else None)
             if bias is not None:
                 w0_at = w0_at - bias.float()
             n = self._norm_from_w0_at(w0_at)  # detached: no gradient flows through the norm (§4.3)
             if not self.training:
                 self._norm_cache = (self._cache_key(x.dtype), n)
-            base_out = full[:tokens].view(*x.shape[:-1], self.out_features)
-            base_dropped = full[tokens : 2 * tokens].view_as(base_out) if dropout_active else None
 
         scale = self.lora_magnitude_vector / n  # m/n
         # t = W0·x' + s·B·A·x', built in place in the adapter branch's own (fp32) output tensor;
