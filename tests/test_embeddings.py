@@ -1,0 +1,266 @@
+"""Embedding surgery: row init rules, both paths identical, bad input, PEFT helpers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from trkit import embeddings as emb
+
+
+@pytest.fixture(scope="module")
+def qwen_ext(tmp_path_factory):
+    """A 64-token extension of the real Qwen3 tokenizer, learned on a few hundred Turkish lines."""
+    from trkit import assets
+    from trkit.vocab import extend_tokenizer
+
+    docs = assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:300]
+    out = tmp_path_factory.mktemp("ext") / "qwen3-tr64"
+    extend_tokenizer("qwen3", docs, n_new_tokens=64, out_dir=out, progress=False)
+    return emb.load_extension(out)
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory, tiny_qwen3_dir):
+    """A tiny Qwen3 with tied embeddings (like Qwen3-0.6B..4B and SmolLM2), saved with the Qwen3 tokenizer."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from trkit.assets import tiny_qwen3_config
+
+    cfg = tiny_qwen3_config()
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = Qwen3ForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tied") / "tiny-tied"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_qwen3_dir).save_pretrained(out)
+    return out
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_init_rules(qwen_ext):
+    ext = qwen_ext
+    torch.manual_seed(0)
+    rows = ext.rows(151936)
+    w = torch.randn(rows, 8)
+    trained = w[: ext.base_vocab_size].clone()
+    for method in emb.OUTPUT_INITS:
+        if method == "joint":
+            continue
+        x = w.clone()
+        emb.init_new_rows(x, ext, method, seed=3)
+        assert torch.equal(x[: ext.base_vocab_size], trained)  # trained rows untouched
+        pad = x[ext.vocab_size :]
+        assert torch.allclose(pad, trained.mean(0).expand_as(pad), atol=1e-6)  # padding rows: trained mean
+        i = ext.new_ids[5]
+        parts = ext.constituents[i]
+        expected = {"fvt": trained[parts].mean(0), "first": trained[parts[0]], "mean": trained.mean(0)}.get(method)
+        if expected is not None:
+            assert torch.allclose(x[i], expected, atol=1e-6)
+        else:  # random: N(0, 0.02), reproducible from the seed
+            new = x[ext.base_vocab_size : ext.vocab_size]
+            assert abs(new.std().item() - emb.RANDOM_STD) < 0.005
+            y = w.clone()
+            emb.init_new_rows(y, ext, "random", seed=3)
+            assert torch.equal(x, y)
+    d = torch.zeros(8)
+    d[0] = 1.0
+    joint = emb.JointStats(direction=d, offsets={i: -2.0 for i in ext.new_ids})
+    x = w.clone()
+    emb.init_new_rows(x, ext, "joint", joint=joint)
+    i = ext.new_ids[0]
+    assert torch.allclose(x[i], trained[ext.constituents[i][0]] - 2.0 * d)
+
+
+def test_every_id_from_base_is_reinitialised(qwen_ext):
+    """Qwen3-8B's 267 unused padding rows (151,669..151,935) are not kept as they were."""
+    w = torch.full((151936, 4), 7.0)
+    w[: qwen_ext.base_vocab_size] = torch.randn(qwen_ext.base_vocab_size, 4)
+    emb.init_new_rows(w, qwen_ext, "fvt")
+    assert not (w[qwen_ext.base_vocab_size :] == 7.0).any()
+
+
+@pytest.mark.parametrize("init,output_init", [("fvt", "first"), ("random", "joint")])
+def test_checkpoint_and_in_memory_paths_agree_untied(qwen_ext, tiny_qwen3_dir, tmp_path, init, output_init):
+    from transformers import AutoModelForCausalLM
+
+    from trkit import assets
+
+    joint = emb.JointStats(torch.linspace(-1, 1, 64), {i: -1.5 for i in qwen_ext.new_ids})
+    out = tmp_path / "ext"
+    manifest = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, out, init=init, output_init=output_init, joint=joint,
+                                     progress=False)
+    model = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init=init, output_init=output_init, joint=joint,
+                             base_tokenizer=tiny_qwen3_dir)
+    on_disk = _tensors(out)
+    state = model.state_dict()
+    assert set(on_disk) == set(state)
+    for k, v in on_disk.items():
+        assert torch.equal(v, state[k]), k
+    source = _tensors(tiny_qwen3_dir)
+    for k, v in source.items():  # untouched tensors copied byte for byte
+        if "embed_tokens" not in k and "lm_head" not in k:
+            assert torch.equal(v, on_disk[k])
+        else:
+            assert torch.equal(v[: qwen_ext.base_vocab_size], on_disk[k][: qwen_ext.base_vocab_size])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == on_disk["lm_head.weight"].shape[0] == 151936  # 151,733 fits the old rows
+    assert manifest["rows"] == 151936 and manifest["untied"] is False
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == qwen_ext.vocab_size
+    text = "Bir " + " ".join(tok.decode([i]) for i in qwen_ext.new_ids[:8])
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids.max() >= qwen_ext.base_vocab_size  # the new tokens are used
+    assert torch.isfinite(loaded(ids).logits).all()
+    # the manifest's hashes detect a damaged output
+    from trkit.artifacts import read_manifest
+
+    read_manifest(out, verify=True)
+
+
+@pytest.mark.parametrize("output_init,untied", [("fvt", False), ("first", True)])
+def test_tied_model_both_paths(qwen_ext, tied_dir, tmp_path, output_init, untied):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ext"
+    emb.extend_checkpoint(tied_dir, qwen_ext, out, init="fvt", output_init=output_init, progress=False)
+    on_disk = _tensors(out)
+    assert ("lm_head.weight" in on_disk) == untied
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is (not untied)
+    model = emb.extend_model(AutoModelForCausalLM.from_pretrained(tied_dir), qwen_ext, init="fvt",
+                             output_init=output_init)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (not untied)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    if untied:
+        i = qwen_ext.new_ids[0]
+        assert torch.equal(loaded.lm_head.weight[i], loaded.model.embed_tokens.weight[qwen_ext.constituents[i][0]])
+        assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+
+
+def test_padding_to_multiple_of_64(tied_dir, tmp_path, qwen3_tokenizer_dir):
+    """An extension past the existing rows grows the matrix to a multiple of 64."""
+    ext = emb.Extension(directory=tmp_path, base_vocab_size=151669, vocab_size=151669 + 300, base_fingerprint="x",
+                        constituents={})
+    assert ext.rows(151936) == 152000 and emb.padded_size(151969) == 152000
+    assert emb.padded_size(64) == 64 and ext.rows(160000) == 160000
+
+
+def test_sharded_checkpoint(qwen_ext, tiny_qwen3_dir, tmp_path):
+    """A multi-shard checkpoint: only the shards holding the matrices are rewritten, the rest linked."""
+    from trkit import assets
+
+    src = tmp_path / "sharded"
+    model = assets.tiny_qwen3()
+    model.save_pretrained(src, max_shard_size="20MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_qwen3_dir / f, src / f)
+    assert (src / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    manifest = emb.extend_checkpoint(src, qwen_ext, out, init="fvt", output_init="first", progress=False)
+    assert "linked" in manifest["shards"].values() or "copied" in manifest["shards"].values()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    on_disk = _tensors(out)
+    assert set(index["weight_map"]) == set(on_disk)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in on_disk.values())
+    ref = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init="fvt", output_init="first")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, on_disk[k]), k
+
+
+def test_bad_input(qwen_ext, tiny_qwen3_dir, tmp_path, qwen3_tokenizer_dir):
+    # a checkpoint whose tokenizer is not the extension's base
+    from trkit import assets
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_qwen3_dir, wrong)
+    shutil.copyfile(assets.smollm2_dir() / "tokenizer.json", wrong / "tokenizer.json")
+    with pytest.raises(ValueError, match="not the base"):
+        emb.extend_checkpoint(wrong, qwen_ext, tmp_path / "o1", progress=False, output_init="first")
+    # an "extension" that moved an existing id
+    moved = tmp_path / "moved"
+    shutil.copytree(qwen_ext.directory, moved)
+    tj = json.loads((moved / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tj["model"]["vocab"]
+    a, b = "hello", "world"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (moved / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    ext_moved = emb.Extension(moved, qwen_ext.base_vocab_size, qwen_ext.vocab_size, qwen_ext.base_fingerprint,
+                              qwen_ext.constituents)
+    with pytest.raises(ValueError, match="changed id"):
+        emb.check_tokenizer_pair(ext_moved, tiny_qwen3_dir)
+    with pytest.raises(ValueError, match="sha256"):  # and the manifest hash catches the edit on load
+        emb.load_extension(moved)
+    # NaN rows in the checkpoint
+    from safetensors.torch import load_file, save_file
+
+    nan_dir = tmp_path / "nan"
+    shutil.copytree(tiny_qwen3_dir, nan_dir)
+    tensors = load_file(nan_dir / "model.safetensors")
+    tensors["model.embed_tokens.weight"][123, 5] = float("nan")
+    save_file(tensors, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="row 123 holds NaN"):
+        emb.extend_checkpoint(nan_dir, qwen_ext, tmp_path / "o2", progress=False, output_init="first")
+    assert not (tmp_path / "o2").exists()  # nothing half-written
+    # unknown rules, missing joint stats, existing output
+    with pytest.raises(ValueError, match="unknown input init"):
+        emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "o3", init="first", progress=False)
+    with pytest.raises(ValueError, match="joint"):
+        emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "o3", output_init="joint", progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "exists", output_init="first", progress=False)
+
+
+def test_streaming_writer_roundtrip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = torch.randn(5, 3).to(torch.bfloat16)
+    b = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    save_file({"a": a, "b": b}, tmp_path / "src.safetensors")
+    hdr, start = emb.read_safetensors_header(tmp_path / "src.safetensors")
+    lo, hi = hdr["a"]["data_offsets"]
+    c = torch.randn(2, 2, dtype=torch.float16)
+    emb.write_safetensors_streaming(tmp_path / "out.safetensors", [
+        ("c", "F16", [2, 2], lambda: c),
+        ("a", "BF16", [5, 3], (tmp_path / "src.safetensors", start + lo, start + hi)),
+    ], {"format": "pt"}, copy_chunk=7)
+    got = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(got["a"], a) and torch.equal(got["c"], c) and set(got) == {"a", "c"}
+
+
+def test_peft_helpers(qwen_ext, tied_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trkit import assets
+
+    untied = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init="fvt", output_init="first")
+    idx = emb.trainable_token_indices(untied, qwen_ext)
+    assert idx == {"embed_tokens": qwen_ext.new_ids, "lm_head": qwen_ext.new_ids}
+    tied = emb.extend_model(AutoModelForCausalLM.from_pretrained(tied_dir), qwen_ext, init="fvt", output_init="fvt")
+    assert emb.trainable_token_indices(tied, qwen_ext) == {"embed_tokens": qwen_ext.new_ids}
+    peft_model = get_peft_model(untied, emb.new_rows_peft_config(untied, qwen_ext))
+    groups = emb.new_rows_param_groups(peft_model, lr=1e-3, embedding_lr_ratio=0.25)
+    assert groups[0]["lr"] == pytest.approx(2.5e-4) and len(groups) == 1
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == 2 * len(qwen_ext.new_ids) * 64  # input and output rows, nothing else
+    lora = get_peft_model(emb.extend_model(assets.tiny_qwen3(), qwen_ext, output_init="first"),
+                          emb.new_rows_peft_config(untied, qwen_ext, r=4, target_modules=["q_proj"]))
+    groups = emb.new_rows_param_groups(lora, lr=1e-3)
+    assert [g["name"] for g in groups] == ["new_token_rows", "adapters"] and groups[0]["lr"] == pytest.approx(2e-4)

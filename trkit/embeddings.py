@@ -1,0 +1,651 @@
+"""Embedding surgery: grow a checkpoint's vocabulary to an extended tokenizer and initialise the new rows.
+
+What it does. A vocabulary extension (``trkit.vocab``) appends merges to the base tokenizer, so
+every new token ``w`` is a concatenation of base tokens ``c_1 .. c_k`` (its merge tree's leaves;
+exact, because the extended segmentation is a coarsening of the base one). The model needs one
+input row and one output row per new id. Rows are added for ``len(extended_tokenizer)`` ids,
+padded to a multiple of 64, and **every** row from ``len(base_tokenizer)`` on is (re)initialised,
+including rows that existed but were never trained (Qwen3-8B: ids 151,669-151,935).
+
+Input rows (``init``):
+
+* ``fvt``: ``e_w = mean_i e_{c_i}`` (Fast Vocabulary Transfer, Gee et al. 2022, "Fast Vocabulary
+  Transfer for Language Model Compression"); the decomposition is the merge tree, not a re-tokenisation.
+* ``mean``: the mean of all trained rows (Hewitt 2021, "Initializing new word embeddings for
+  pretrained language models").
+* ``random``: ``N(0, 0.02^2)``, the usual transformer initialiser (seeded).
+
+Output rows (``output_init``; default ``joint``) also accept ``first`` (``u_w = u_{c_1}``, the row
+of the first constituent) and:
+
+* ``joint``: the logit of ``w`` should approximate the log of the probability the base model gives
+  the whole constituent sequence, ``log p(c_1 .. c_k | h) = log p(c_1 | h) + log p(c_2..c_k | h, c_1)``.
+  The first term is the first constituent's logit ``h . u_{c_1}``; the second is at most 0 and
+  mostly depends on the token, so it becomes a per-token offset ``b_w``. An LM head has no bias,
+  but its final RMSNorm output has a nearly constant component: a vector ``d`` with ``h . d ~ 1``
+  for typical ``h`` turns an offset into a row update: ``u_w = u_{c_1} + b_w d``. See
+  ``joint_output_rows`` for how ``d`` and ``b_w`` are estimated.
+
+A model with tied embeddings (SmolLM2, Qwen3-0.6B..4B) keeps them tied when the output rule is the
+input rule; otherwise the output matrix is untied (``lm_head.weight`` written separately,
+``tie_word_embeddings=false``), which costs one more ``rows x hidden`` matrix.
+
+Two paths give identical tensors (tested):
+
+* ``extend_model(model, ext_dir)``: in memory (model object in, model out).
+* ``extend_checkpoint(src, ext_dir, out)``: edits a safetensors checkpoint directory (local or a hub
+  snapshot) without loading the model: only ``embed_tokens`` / ``lm_head`` are read; shards that hold
+  them are rewritten tensor by tensor (untouched tensors are byte ranges copied from the source), the
+  other shards are hard-linked (or copied), the index and ``config.json`` (``vocab_size``) are updated
+  and the extended tokenizer is written beside them. Peak RAM is about the size of the new matrices,
+  so Qwen3-8B (16 GB of bf16) can be extended on a free Colab (12.7 GB RAM).
+
+Helpers for training only the new rows: ``new_token_ids``, ``trainable_token_indices``
+(PEFT ``trainable_token_indices`` for input and output rows), ``new_rows_param_groups``
+(an optimizer group with its own, lower learning rate) and ``train_new_rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from trkit.artifacts import MANIFEST_NAME, atomic_directory, read_manifest, sha256_file, write_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+PAD_MULTIPLE = 64
+INPUT_INITS = ("fvt", "mean", "random")
+OUTPUT_INITS = ("joint", "fvt", "mean", "random", "first")
+DEFAULT_INIT = "fvt"
+DEFAULT_OUTPUT_INIT = "joint"
+RANDOM_STD = 0.02
+CHUNK_ROWS = 4096
+INPUT_KEY_SUFFIX = "embed_tokens.weight"
+OUTPUT_KEY = "lm_head.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# The extension: which ids are new and what they are made of
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Extension:
+    """What the embedding surgery needs from a ``trkit vocab`` directory."""
+
+    directory: Path
+    base_vocab_size: int  # len(base tokenizer): the first id to initialise
+    vocab_size: int  # len(extended tokenizer)
+    base_fingerprint: str
+    constituents: dict[int, list[int]]  # new id -> base ids (merge-tree leaves, left to right)
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def new_ids(self) -> list[int]:
+        return list(range(self.base_vocab_size, self.vocab_size))
+
+    def rows(self, existing_rows: int = 0, multiple: int = PAD_MULTIPLE) -> int:
+        """Rows of the resized matrices: the vocabulary padded to ``multiple``, never fewer than exist."""
+        return max(existing_rows, padded_size(self.vocab_size, multiple))
+
+
+def padded_size(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def load_extension(ext_dir: str | os.PathLike) -> Extension:
+    """Read and verify a ``trkit vocab`` directory (manifest hashes, constituents, contiguous new ids)."""
+    from trkit.vocab import new_token_constituents
+
+    ext_dir = Path(ext_dir)
+    manifest = read_manifest(ext_dir, verify=True)
+    if manifest.get("stage") != "vocab":
+        raise ValueError(f"{ext_dir} was written by stage {manifest.get('stage')!r}, not `trkit vocab`; "
+                         "pass the directory that `python -m trkit vocab --out DIR` wrote")
+    base = int(manifest["base_vocab_size"])
+    constituents = new_token_constituents(ext_dir)
+    vocab_size = base + len(constituents)
+    if sorted(constituents) != list(range(base, vocab_size)):
+        raise ValueError(f"{ext_dir}: new token ids are not contiguous from {base}; the directory is not a "
+                         "trkit vocabulary extension (re-run `trkit vocab`)")
+    for i, parts in constituents.items():
+        if not parts or any(not 0 <= p < base for p in parts):
+            raise ValueError(f"{ext_dir}: new token {i} decomposes into {parts}, not into base ids < {base}")
+    return Extension(ext_dir, base, vocab_size, manifest["base_fingerprint"], constituents, manifest)
+
+
+def new_token_ids(ext: Extension | str | os.PathLike) -> list[int]:
+    """The ids the extension added (``len(base) .. len(extended) - 1``)."""
+    ext = ext if isinstance(ext, Extension) else load_extension(ext)
+    return ext.new_ids
+
+
+def check_tokenizer_pair(ext: Extension, base_tokenizer_dir: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tokenizer is not the extension's base, or an extension that moved ids.
+
+    ``base_tokenizer_dir`` is the checkpoint's own tokenizer (a dir with tokenizer.json).
+    """
+    from trkit.vocab import tokenizer_fingerprint
+
+    base_tj = _read_tokenizer_json(base_tokenizer_dir)
+    ext_tj = _read_tokenizer_json(ext.directory)
+    fp = tokenizer_fingerprint(base_tj)
+    if fp != ext.base_fingerprint:
+        raise ValueError(
+            f"the checkpoint's tokenizer ({base_tokenizer_dir}, fingerprint {fp[:12]}…) is not the base of the "
+            f"extension {ext.directory} (base fingerprint {ext.base_fingerprint[:12]}…): learn the vocabulary on "
+            "this model's own tokenizer (`trkit vocab --base <the checkpoint>`) or pass the checkpoint it was "
+            "learned for"
+        )
+    base_vocab = _full_vocab(base_tj)
+    ext_vocab = _full_vocab(ext_tj)
+    if len(base_vocab) != ext.base_vocab_size:
+        raise ValueError(f"the base tokenizer has {len(base_vocab)} tokens but the extension says "
+                         f"{ext.base_vocab_size}: the extension's manifest does not describe this tokenizer")
+    moved = [(t, i, ext_vocab.get(t)) for t, i in base_vocab.items() if ext_vocab.get(t) != i]
+    if moved:
+        t, i, j = moved[0]
+        raise ValueError(f"{ext.directory} is not an extension of the checkpoint's tokenizer: {len(moved)} existing "
+                         f"tokens changed id (e.g. {t!r} {i} -> {j}); the pretrained rows would no longer match. "
+                         "Rebuild it with `trkit vocab`, which keeps every existing id")
+    extra = sorted(i for t, i in ext_vocab.items() if t not in base_vocab)
+    if extra != ext.new_ids:
+        raise ValueError(f"{ext.directory}: the tokenizer's new ids do not match its manifest "
+                         f"({len(extra)} new ids in tokenizer.json, {len(ext.new_ids)} in the manifest)")
+
+
+def _read_tokenizer_json(d: str | os.PathLike) -> dict:
+    p = Path(d)
+    p = p / "tokenizer.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: the checkpoint needs its fast tokenizer (tokenizer.json) so the "
+                                "extension's base can be checked; pass --base-tokenizer DIR if it lives elsewhere")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _full_vocab(tj: dict) -> dict[str, int]:
+    vocab = dict(tj["model"]["vocab"])
+    for t in tj.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+    return vocab
+
+
+# --------------------------------------------------------------------------------------------
+# Row initialisation (shared by both paths, so they give identical tensors)
+# --------------------------------------------------------------------------------------------
+
+
+def check_finite(weight: "torch.Tensor", rows: int, name: str) -> None:
+    """Refuse NaN/Inf in the first ``rows`` rows (chunked, no float copy of the whole matrix)."""
+    import torch
+
+    for lo in range(0, rows, CHUNK_ROWS):
+        block = weight[lo : min(rows, lo + CHUNK_ROWS)]
+        # a row sum is NaN/Inf iff the row holds NaN/Inf (float64: no overflow for any 16/32-bit weight)
+        bad = ~torch.isfinite(block.double().sum(dim=1))
+        if bad.any():
+            first = lo + int(bad.nonzero()[0])
+            raise ValueError(f"{name} row {first} holds NaN/Inf ({int(bad.sum())} bad rows in {lo}..{lo + len(block) - 1}): "
+                             "the checkpoint is damaged; re-download it or load it in a wider dtype")
+
+
+def trained_mean(weight: "torch.Tensor", rows: int) -> "torch.Tensor":
+    """Mean of rows ``0..rows-1`` in float32, chunked."""
+    import torch
+
+    acc = torch.zeros(weight.shape[1], dtype=torch.float64)
+    for lo in range(0, rows, CHUNK_ROWS):
+        acc += weight[lo : min(rows, lo + CHUNK_ROWS)].double().sum(0)
+    return (acc / rows).float()
+
+
+@dataclass
+class JointStats:
+    """What the ``joint`` output rule needs besides the matrix: the constant direction and offsets."""
+
+    direction: "torch.Tensor"  # d: h . d ~ 1 for the final hidden states of the model
+    offsets: dict[int, float]  # new id -> b_w (log-probability of the continuation, <= 0)
+
+
+def init_new_rows(
+    weight: "torch.Tensor",
+    ext: Extension,
+    method: str,
+    *,
+    seed: int = 0,
+    joint: JointStats | None = None,
+    progress: bool = False,
+    desc: str = "init rows",
+) -> None:
+    """Initialise rows ``ext.base_vocab_size ..`` of ``weight`` in place (rows beyond the vocabulary too).
+
+    ``weight`` already holds the trained rows ``0 .. base_vocab_size-1``. Values are computed in
+    float32 per chunk and cast to the weight's dtype. Rows past ``ext.vocab_size`` (padding to a
+    multiple of 64; never produced by the tokenizer) get the mean of the trained rows.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if method not in OUTPUT_INITS:
+        raise ValueError(f"unknown init {method!r}; choose one of {', '.join(OUTPUT_INITS)}")
+    base, n_rows = ext.base_vocab_size, weight.shape[0]
+    if n_rows < ext.vocab_size:
+        raise ValueError(f"matrix has {n_rows} rows, fewer than the extended vocabulary ({ext.vocab_size})")
+    check_finite(weight, base, "embedding")
+    mean = trained_mean(weight, base)
+    dtype = weight.dtype
+    gen = torch.Generator().manual_seed(seed)
+    ids = ext.new_ids
+    if method == "joint" and joint is None:
+        raise ValueError("output init 'joint' needs JointStats (see joint_output_rows / estimate_joint_stats)")
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(ids), CHUNK_ROWS), desc=desc, disable=not progress, unit="chunk"):
+            chunk = ids[lo : lo + CHUNK_ROWS]
+            if method == "mean":
+                rows = mean.expand(len(chunk), -1)
+            elif method == "random":
+                rows = torch.randn(len(chunk), weight.shape[1], generator=gen) * RANDOM_STD
+            elif method == "first":
+                rows = weight[[ext.constituents[i][0] for i in chunk]].float()
+            elif method == "fvt":
+                rows = torch.stack([weight[ext.constituents[i]].float().mean(0) for i in chunk])
+            else:  # joint
+                first = weight[[ext.constituents[i][0] for i in chunk]].float()
+                b = torch.tensor([joint.offsets[i] for i in chunk], dtype=torch.float32)[:, None]
+                rows = first + b * joint.direction.float()[None, :]
+            weight[chunk[0] : chunk[-1] + 1] = rows.to(dtype)
+        if n_rows > ext.vocab_size:
+            weight[ext.vocab_size :] = mean.to(dtype)
+    check_finite(weight, n_rows, "initialised embedding")
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory path
+# --------------------------------------------------------------------------------------------
+
+
+def _is_tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def extend_model(
+    model,
+    ext: Extension | str | os.PathLike,
+    *,
+    init: str = DEFAULT_INIT,
+    output_init: str | None = DEFAULT_OUTPUT_INIT,
+    joint: JointStats | None = None,
+    base_tokenizer: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Resize ``model``'s embeddings (and untied ``lm_head``) to the extension and initialise the new rows.
+
+    ``output_init=None`` uses ``init`` for the output rows. A tied model stays tied when both rules
+    are the same and is untied otherwise. ``base_tokenizer``: the model's own tokenizer directory,
+    checked against the extension's base fingerprint (recommended; the checkpoint path always checks).
+    Returns the model (changed in place).
+    """
+    import torch
+
+    ext = ext if isinstance(ext, Extension) else load_extension(ext)
+    output_init = output_init or init
+    _check_methods(init, output_init, joint)
+    if base_tokenizer is not None:
+        check_tokenizer_pair(ext, base_tokenizer)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if old_rows < ext.base_vocab_size:
+        raise ValueError(f"the model has {old_rows} embedding rows but its tokenizer {ext.base_vocab_size} tokens: "
+                         "this extension was not learned for this model's tokenizer")
+    rows = ext.rows(old_rows)
+    tied = _is_tied(model)
+    has_output = model.get_output_embeddings() is not None
+    with torch.no_grad():
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        emb = model.get_input_embeddings().weight
+        if tied and output_init != init:
+            # untie: the output matrix starts as a copy of the trained (shared) rows
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(emb.detach().clone(), requires_grad=emb.requires_grad)
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+            tied = False
+        init_new_rows(emb.data, ext, init, seed=seed, joint=joint, progress=progress, desc="input rows")
+        if has_output and not tied:
+            init_new_rows(model.get_output_embeddings().weight.data, ext, output_init, seed=seed + 1, joint=joint,
+                          progress=progress, desc="output rows")
+    model.config.vocab_size = rows
+    return model
+
+
+def _check_methods(init: str, output_init: str, joint: JointStats | None) -> None:
+    if init not in INPUT_INITS:
+        raise ValueError(f"unknown input init {init!r}; choose one of {', '.join(INPUT_INITS)}")
+    if output_init not in OUTPUT_INITS:
+        raise ValueError(f"unknown output init {output_init!r}; choose one of {', '.join(OUTPUT_INITS)}")
+    if output_init == "joint" and joint is None:
+        raise ValueError("output init 'joint' needs its statistics: pass joint=estimate_joint_stats(...) "
+                         "(or use extend_model_with_default / the CLI, which estimate them)")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint path: safetensors shards edited tensor by tensor
+# --------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, list[int], Any]], metadata: dict | None,
+                                copy_chunk: int = 64 << 20) -> None:
+    """Write a safetensors file one tensor at a time (the format: u64 header size, JSON header, raw data).
+
+    ``entries``: ``(name, st_dtype, shape, source)`` in file order, ``source`` either
+    ``(src_path, start, end)`` (bytes copied from another safetensors file, never held whole in
+    memory) or a zero-argument callable returning a contiguous CPU tensor, called when its turn comes
+    (so only one new matrix exists at a time).
+    """
+    import torch
+
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    sizes = []
+    for name, dtype, shape, source in entries:
+        item = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1}[dtype]
+        nbytes = item * math.prod(shape)
+        if isinstance(source, tuple) and source[2] - source[1] != nbytes:
+            raise ValueError(f"{name}: source holds {source[2] - source[1]} bytes, shape says {nbytes}")
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        sizes.append(nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    from trkit.artifacts import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for (name, dtype, shape, source), nbytes in zip(entries, sizes):
+            if isinstance(source, tuple):
+                src, start, end = source
+                with open(src, "rb") as f:
+                    f.seek(start)
+                    left = end - start
+                    while left:
+                        block = f.read(min(copy_chunk, left))
+                        if not block:
+                            raise ValueError(f"{src} is truncated inside tensor {name}: re-download the checkpoint")
+                        out.write(block)
+                        left -= len(block)
+            else:
+                tensor = source()
+                if list(tensor.shape) != list(shape) or _st_dtype(tensor) != dtype:
+                    raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
+                flat = tensor.contiguous().view(-1)
+                step = max(1, copy_chunk // tensor.element_size())
+                for lo in range(0, flat.numel(), step):
+                    out.write(flat[lo : lo + step].view(torch.uint8).numpy().data)
+                del tensor, flat
+            out.flush()
+
+
+def _st_dtype(t: "torch.Tensor") -> str:
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[t.dtype]
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint directory: a path, an offline alias ('smollm2', 'qwen3-tiny') or a hub snapshot."""
+    p = Path(name_or_path)
+    if not p.exists():
+        from trkit.assets import resolve_model
+
+        p = Path(resolve_model(str(name_or_path)))
+    if not p.exists():
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "*.model"]))
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} has no config.json: pass a Hugging Face model directory or hub name")
+    if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(f"{p} holds no safetensors weights (model.safetensors or its index): convert "
+                                "pickle (.bin) checkpoints to safetensors first; trkit never loads pickles")
+    return p
+
+
+def _weight_map(src: Path) -> tuple[dict[str, str], dict | None]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        return dict(data["weight_map"]), data
+    header, _ = read_safetensors_header(src / "model.safetensors")
+    return {k: "model.safetensors" for k in header if k != "__metadata__"}, None
+
+
+def _link_or_copy(src: Path, dst: Path, link: bool) -> str:
+    if link:
+        try:
+            os.link(src.resolve(), dst)
+            return "linked"
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+    return "copied"
+
+
+def extend_checkpoint(
+    src: str | os.PathLike,
+    ext: Extension | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    init: str = DEFAULT_INIT,
+    output_init: str | None = DEFAULT_OUTPUT_INIT,
+    joint: JointStats | None = None,
+    base_tokenizer: str | os.PathLike | None = None,
+    seed: int = 0,
+    link: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Extend a safetensors checkpoint directory without loading the model (see module doc).
+
+    Writes ``out`` atomically: the resized shard(s), the untouched shards (hard links when possible),
+    the updated index and config, the extended tokenizer and a manifest with every file's sha256.
+    Returns the manifest.
+    """
+    import torch
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    src = resolve_checkpoint(src)
+    ext = ext if isinstance(ext, Extension) else load_extension(ext)
+    output_init = output_init or init
+    _check_methods(init, output_init, joint)
+    check_tokenizer_pair(ext, base_tokenizer or src)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    text_config = config.get("text_config", config)
+    weight_map, index = _weight_map(src)
+    in_keys = [k for k in weight_map if k.endswith(INPUT_KEY_SUFFIX)]
+    if len(in_keys) != 1:
+        raise ValueError(f"{src}: expected one '*{INPUT_KEY_SUFFIX}' tensor, found {in_keys or 'none'}")
+    in_key = in_keys[0]
+    out_key = OUTPUT_KEY if OUTPUT_KEY in weight_map else None
+    tied = out_key is None
+    if tied and not text_config.get("tie_word_embeddings", config.get("tie_word_embeddings", True)):
+        raise ValueError(f"{src}: no {OUTPUT_KEY} in the checkpoint but tie_word_embeddings is false")
+    untie = tied and output_init != init
+    in_file = src / weight_map[in_key]
+    header, data_start = read_safetensors_header(in_file)
+    old_rows, hidden = header[in_key]["shape"]
+    if old_rows < ext.base_vocab_size:
+        raise ValueError(f"{src}: {old_rows} embedding rows for a {ext.base_vocab_size}-token tokenizer; "
+                         "the extension does not belong to this checkpoint")
+    rows = ext.rows(old_rows)
+
+    def resized(key: str, from_key: str, method: str, seed_: int, desc: str):
+        def build():
+            with safe_open(str(src / weight_map[from_key]), framework="pt") as f:
+                sl = f.get_slice(from_key)
+                dtype = getattr(torch, _ST_DTYPES[sl.get_dtype()])
+                new = torch.empty(rows, hidden, dtype=dtype)
+                for lo in range(0, old_rows, CHUNK_ROWS):
+                    new[lo : min(old_rows, lo + CHUNK_ROWS)] = sl[lo : min(old_rows, lo + CHUNK_ROWS)]
+            init_new_rows(new, ext, method, seed=seed_, joint=joint, progress=progress, desc=desc)
+            return new
+        return build
+
+    changed = {weight_map[in_key]} | ({weight_map[out_key]} if out_key else set())
+    report: dict[str, str] = {}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        files = sorted(set(weight_map.values()))
+        for shard in tqdm(files, desc="shards", disable=not progress, unit="file"):
+            if shard not in changed:
+                report[shard] = _link_or_copy(src / shard, tmp / shard, link)
+                continue
+            hdr, start = read_safetensors_header(src / shard)
+            entries = []
+            for name, info in sorted(((k, v) for k, v in hdr.items() if k != "__metadata__"),
+                                     key=lambda kv: kv[1]["data_offsets"][0]):
+                a, b = info["data_offsets"]
+                if name == in_key:
+                    entries.append((name, info["dtype"], [rows, hidden], resized(in_key, in_key, init, seed, "input rows")))
+                    if untie:
+                        entries.append((OUTPUT_KEY, info["dtype"], [rows, hidden],
+                                        resized(OUTPUT_KEY, in_key, output_init, seed + 1, "output rows")))
+                elif name == out_key:
+                    entries.append((name, info["dtype"], [rows, hidden],
+                                    resized(out_key, out_key, output_init, seed + 1, "output rows")))
+                else:
+                    entries.append((name, info["dtype"], info["shape"], (src / shard, start + a, start + b)))
+            write_safetensors_streaming(tmp / shard, entries, hdr.get("__metadata__"))
+            report[shard] = "rewritten"
+        if index is not None:
+            new_map = dict(weight_map)
+            if untie:
+                new_map[OUTPUT_KEY] = weight_map[in_key]
+            total = 0
+            for shard in files:
+                hdr, _ = read_safetensors_header(tmp / shard)
+                total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in hdr.items() if k != "__metadata__")
+            new_index = dict(index)
+            new_index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+            new_index["weight_map"] = dict(sorted(new_map.items()))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(new_index, indent=2) + "\n", encoding="utf-8")
+        new_config = dict(config)
+        targets = [new_config] + ([new_config["text_config"]] if "text_config" in new_config else [])
+        for c in targets:
+            c["vocab_size"] = rows
+            if untie:
+                c["tie_word_embeddings"] = False
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for p in sorted(src.iterdir()):  # generation_config.json and other small files
+            if (p.is_file() and p.name not in changed and p.name not in report and p.name != "config.json"
+                    and p.name != "model.safetensors.index.json" and p.name not in TOKENIZER_FILES
+                    and p.name != MANIFEST_NAME and not p.name.startswith(".")
+                    and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))):
+                shutil.copyfile(p, tmp / p.name)
+        for name in TOKENIZER_FILES:
+            if (ext.directory / name).is_file():
+                shutil.copyfile(ext.directory / name, tmp / name)
+        manifest = write_manifest(
+            tmp, "embed",
+            source=str(src), source_config_sha256=sha256_file(src / "config.json"),
+            extension=str(ext.directory), extension_manifest_sha256=sha256_file(ext.directory / MANIFEST_NAME),
+            base_fingerprint=ext.base_fingerprint, base_vocab_size=ext.base_vocab_size,
+            vocab_size=ext.vocab_size, rows=rows, old_rows=old_rows,
+            init=init, output_init=output_init, seed=seed, tied=tied and not untie, untied=untie,
+            joint=None if joint is None else {"offsets_mean": float(sum(joint.offsets.values()) / max(1, len(joint.offsets)))},
+            shards=report,
+        )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Training only the new rows (helpers for the next stages)
+# --------------------------------------------------------------------------------------------
+
+
+def trainable_token_indices(model, ext: Extension | str | os.PathLike | Sequence[int]) -> dict[str, list[int]]:
+    """PEFT ``trainable_token_indices`` for the new ids, input **and** output rows.
+
+    Untied models get both ``embed_tokens`` and ``lm_head``; a tied model gets ``embed_tokens`` only
+    (PEFT ties the output adapter to it). Use it in ``LoraConfig(trainable_token_indices=...)`` or
+    ``TrainableTokensConfig`` (see ``new_rows_peft_config``).
+    """
+    ids = list(ext) if isinstance(ext, (list, tuple, range)) else new_token_ids(ext)
+    in_name = _module_name(model, model.get_input_embeddings())
+    out = {in_name: ids}
+    head = model.get_output_embeddings()
+    if head is not None and not _is_tied(model):
+        out[_module_name(model, head)] = ids
+    return out
+
+
+def _module_name(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError("module not found in model")
+
+
+def new_rows_peft_config(model, ext, **lora_kwargs):
+    """A PEFT config that trains only the new rows.
+
+    Without ``lora_kwargs``: ``TrainableTokensConfig`` (no LoRA; input and output rows). With them
+    (e.g. ``r=16, target_modules=[...]``): a ``LoraConfig`` whose ``trainable_token_indices`` trains
+    the new rows beside the adapters.
+    """
+    from peft import LoraConfig, TrainableTokensConfig
+
+    indices = trainable_token_indices(model, ext)
+    if lora_kwargs:
+        return LoraConfig(trainable_token_indices=indices, **lora_kwargs)
+    ids = next(iter(indices.values()))
+    return TrainableTokensConfig(target_modules=list(indices), token_indices=ids)
+
+
+def new_rows_param_groups(model, lr: float, embedding_lr: float | None = None, embedding_lr_ratio: float = 0.2,
+                          weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups: PEFT's trainable token rows get their own learning rate.
+
+    ``embedding_lr`` defaults to ``embedding_lr_ratio * lr`` (embedding rows usually want 2-10x lower
+    lr than adapters). Rows never get weight decay (it would pull them to zero, not to the init).
+    """
+    rows, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (rows if "trainable_tokens_delta" in name else rest).append(p)
+    if not rows:
+        raise ValueError("no trainable token rows found: wrap the model with new_rows_peft_config(...) first")
+    groups = [{"params": rows, "lr": embedding_lr if embedding_lr is not None else lr * embedding_lr_ratio,
+               "weight_decay": 0.0, "name": "new_token_rows"}]
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
+    return groups
