@@ -125,7 +125,7 @@ def run_gnb_pass(
         if scale is not None:
             for g in grads:
                 g.mul_(1.0 / scale)
-            skipped = not all(bool(torch.isfinite(g).all()) for g in grads)
+            skipped = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not skipped and max_grad_norm and max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
     if not skipped:
