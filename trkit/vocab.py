@@ -12,13 +12,16 @@ extended segmentation is the base segmentation with some adjacent tokens glued t
 (*coarsening*), so existing ids, special tokens, the chat template and English are untouched
 except where a new merge applies.
 
-Pair score. With word frequency ``f_w`` and ``c_s(a,b)`` the (weighted) number of adjacent
-occurrences of ``(a, b)`` in source ``s``:
+Pair score. Each distinct word ``w`` seen ``f_w`` times in source ``s`` weighs ``f_w ** word_exponent``
+(default 0.5: square-root damping, so a handful of very frequent topic words -- `` Efendiler``,
+`` Paşa`` in Atatürk's speeches -- cannot buy most of the budget); ``c_s(a,b)`` is the summed weight
+of the adjacent occurrences of ``(a, b)`` in source ``s``:
 
 * ``selection="frequency"``: ``score = sum_s c_s(a,b)`` (plain BPE).
 * ``selection="balanced"``: every source's pair counts are scaled to the same total ``T``
   (``k_s = T / sum_pairs c_s``) and ``score = sum_s log1p(k_s * c_s(a,b))``; a pair seen in every
   source beats a pair frequent in one source only, which is what carries over to unseen registers.
+  With a single source it is the same as ``frequency``.
 * ``morphology=True`` additionally multiplies each occurrence's weight by ``morphology_penalty``
   when the junction between ``a`` and ``b`` lies on a stem|suffix boundary proposed by
   ``trkit.turkish.suffix_boundaries`` (a curated inventory of Turkish suffix allomorphs), so merges
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import heapq
 import json
@@ -72,6 +76,7 @@ DEFAULT_SELECTION = "balanced"
 DEFAULT_MORPHOLOGY = False
 DEFAULT_MORPHOLOGY_PENALTY = 0.5
 DEFAULT_BALANCE_TOTAL = 1e5
+DEFAULT_WORD_EXPONENT = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +362,55 @@ def count_words(base: BaseTokenizer, texts_or_files: Any, progress: bool = True)
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-level alphabet: printable Latin-1 bytes stand for themselves, the other
+    bytes for chr(256 + k) in byte order (Radford et al. 2019), so one character = one byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, k = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            out[chr(256 + k)] = b
+            k += 1
+    return out
+
+
+def byte_level_to_text(token: str) -> bytes:
+    """The raw bytes a byte-level token string stands for."""
+    dec = byte_decoder()
+    return bytes(dec[c] for c in token)
+
+
+def stem_boundaries(word_counts: Mapping[str, int], words: Iterable[str], min_count: int = 2) -> dict[str, int]:
+    """Byte offset of the stem|suffix boundary inside each byte-level ``word`` (words without one are left out).
+
+    The lexicon that decides plausible stems is the corpus itself (``word_counts``); only words seen at
+    least ``min_count`` times are segmented (rarer ones barely move pair counts).
+    """
+    from trkit.turkish import build_lexicon, segment
+
+    texts = {}
+    for w, n in word_counts.items():
+        try:
+            texts[w] = byte_level_to_text(w).decode("utf-8")
+        except (UnicodeDecodeError, KeyError):
+            continue
+    lexicon = build_lexicon(((t, word_counts[w]) for w, t in texts.items()), min_count=min_count)
+    out: dict[str, int] = {}
+    for w in words:
+        t = texts.get(w)
+        if t is None or word_counts[w] < min_count:
+            continue
+        core = t.lstrip()
+        prefix = t[: len(t) - len(core)]
+        if core[:1] and not core[0].isalpha():
+            prefix, core = prefix + core[0], core[1:]
+        parts = segment(core, lexicon)
+        if len(parts) > 1 and core.isalpha():
+            out[w] = len((prefix + core[: len(parts[0])]).encode("utf-8"))
+    return out
+
+
 def _apply_merges(ids: list[int], ranks: Mapping[int, tuple[int, int]]) -> list[int]:
     """Apply rank-ordered merges to one word (lowest rank first, leftmost first), as the BPE encoder does."""
     ids = list(ids)
@@ -394,6 +448,7 @@ def learn_merges(
     morphology_penalty: float = DEFAULT_MORPHOLOGY_PENALTY,
     balance_total: float = DEFAULT_BALANCE_TOTAL,
     min_frequency: int = 2,
+    word_exponent: float = DEFAULT_WORD_EXPONENT,
     progress: bool = True,
 ) -> LearnedMerges:
     """Greedy continued BPE over ``words`` starting from ``base``'s segmentation (see module docstring)."""
@@ -403,6 +458,8 @@ def learn_merges(
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if n_new_tokens < 1:
         raise ValueError(f"n_new_tokens must be >= 1, got {n_new_tokens}")
+    if not 0 < word_exponent <= 1:
+        raise ValueError(f"word_exponent must be in (0, 1], got {word_exponent}")
     if not 0 < morphology_penalty <= 1:
         raise ValueError(f"morphology_penalty must be in (0, 1], got {morphology_penalty}")
     model = base.backend.model
@@ -417,9 +474,7 @@ def learn_merges(
     seg: dict[str, list[int]] = {w: [t.id for t in model.tokenize(w)] for w in all_words}
     boundaries = None
     if morphology:
-        from trkit.turkish import byte_level_suffix_boundaries
-
-        boundaries = {w: byte_level_suffix_boundaries(w) for w in all_words if len(seg[w]) > 1}
+        boundaries = stem_boundaries(all_words, {w for w in all_words if len(seg[w]) > 1})
 
     # 2. entries: one per (word, source) where the word has at least one junction
     seqs: list[list[int]] = []
@@ -428,15 +483,17 @@ def learn_merges(
     for s_index, counter in enumerate(words.counts):
         s = s_index if balanced else 0
         for w, f in counter.items():
+            if word_exponent != 1:
+                f = f**word_exponent
             ids = seg[w]
             if len(ids) < 2:
                 continue
-            if boundaries is not None and boundaries[w]:
-                bset = boundaries[w]
+            if boundaries is not None and w in boundaries:
+                cut = boundaries[w]
                 jw, off = [], 0
                 for t in ids[:-1]:
                     off += len(id_to_str[t])
-                    jw.append(f * morphology_penalty if off in bset else float(f))
+                    jw.append(f * morphology_penalty if off == cut else float(f))
             else:
                 jw = [float(f)] * (len(ids) - 1)
             seqs.append(list(ids))
@@ -621,6 +678,7 @@ def extend_tokenizer(
     morphology: bool = DEFAULT_MORPHOLOGY,
     morphology_penalty: float = DEFAULT_MORPHOLOGY_PENALTY,
     balance_total: float = DEFAULT_BALANCE_TOTAL,
+    word_exponent: float = DEFAULT_WORD_EXPONENT,
     min_frequency: int = 2,
     overwrite: bool = False,
     progress: bool = True,
@@ -644,7 +702,7 @@ def extend_tokenizer(
     t2 = time.perf_counter()
     learned = learn_merges(b, words, n_new_tokens, selection=selection, morphology=morphology,
                            morphology_penalty=morphology_penalty, balance_total=balance_total,
-                           min_frequency=min_frequency, progress=progress)
+                           word_exponent=word_exponent, min_frequency=min_frequency, progress=progress)
     t3 = time.perf_counter()
     tj = extended_tokenizer_json(b, learned)
     id_to_str = {i: s for s, i in tj["model"]["vocab"].items()}
@@ -662,7 +720,7 @@ def extend_tokenizer(
         corpus_sources={n: {"documents": d, "bytes": by} for n, d, by in zip(words.sources, words.documents, words.bytes)},
         parameters=dict(n_new_tokens=n_new_tokens, selection=selection, morphology=morphology,
                         morphology_penalty=morphology_penalty, balance_total=balance_total,
-                        min_frequency=min_frequency),
+                        word_exponent=word_exponent, min_frequency=min_frequency),
         learned=dict(n_new_tokens=len(new_tokens), stopped_early=learned.stopped_early,
                      skipped_existing=learned.skipped_existing, skipped_unreachable=learned.skipped_unreachable),
         new_tokens=new_tokens,
@@ -725,6 +783,8 @@ def add_arguments(parser) -> None:
                         help="discourage merges across Turkish stem|suffix boundaries")
     parser.add_argument("--morphology-penalty", type=float, default=DEFAULT_MORPHOLOGY_PENALTY,
                         help="weight of a pair occurrence that crosses a stem|suffix boundary (0<p<=1)")
+    parser.add_argument("--word-exponent", type=float, default=DEFAULT_WORD_EXPONENT,
+                        help="a word seen f times counts f**exponent (1 = plain counts, 0.5 = square-root damping)")
     parser.add_argument("--min-frequency", type=int, default=2, help="ignore pairs seen fewer times")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -742,7 +802,7 @@ def run_cli(args) -> int:
         warnings.simplefilter("always", RuntimeWarning)
         result = extend_tokenizer(args.base, corpus, args.new_tokens, args.out, selection=args.selection,
                                   morphology=args.morphology, morphology_penalty=args.morphology_penalty,
-                                  min_frequency=args.min_frequency, overwrite=args.overwrite, progress=not args.quiet)
+                                  word_exponent=args.word_exponent, min_frequency=args.min_frequency, overwrite=args.overwrite, progress=not args.quiet)
     for w in caught:
         print(f"warning: {w.message}")
     learned = result.manifest["learned"]
