@@ -528,8 +528,11 @@ def learn_merges(
         def score(c: list[float]) -> float:
             return c[0]
 
+    # a pair found in one word type needs that word min_frequency times: threshold on the damped scale
+    threshold = min_frequency**word_exponent - 1e-9
+
     def eligible(c: list[float]) -> bool:
-        return sum(c) >= min_frequency
+        return sum(c) >= threshold
 
     heap = [(-score(c), k) for k, c in counts.items() if eligible(c)]
     heapq.heapify(heap)
