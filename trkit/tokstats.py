@@ -20,6 +20,8 @@ special tokens, so the numbers are about the text itself.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import json
 import os
 import re
@@ -72,8 +74,6 @@ def _morph_boundary_counts(doc: str, offsets: list[tuple[int, int]], lexicon) ->
 
     starts = sorted({a for a, _ in offsets})
     internal = on_morph = 0
-    import bisect
-
     for m in _ALPHA_WORD.finditer(doc):
         s, e = m.span()
         lo, hi = bisect.bisect_right(starts, s), bisect.bisect_left(starts, e)
@@ -97,7 +97,8 @@ def compare(
     """Report of ``tokenizer`` against ``base`` on every source in ``texts`` ({name: file or texts}).
 
     Returns ``{"base_vocab_size", "vocab_size", "n_new_tokens", "sources": {name: stats}, "all": stats}``.
-    With ``morphology`` also the share of word-internal boundaries on suffix boundaries (slower).
+    With ``morphology`` also the share of word-internal boundaries on suffix boundaries (slower); the
+    segmenter's lexicon of plausible stems is ``lexicon`` or else the words of ``texts`` themselves.
     """
     from trkit.turkish import split_words
 
@@ -109,8 +110,13 @@ def compare(
     report: dict = {"base_vocab_size": n_base, "vocab_size": n_total, "n_new_tokens": n_new, "sources": {}}
     used_all: set[int] = set()
     totals: dict[str, float] = {}
-    for name, src in texts.items():
-        docs = read_documents(src)
+    documents = {name: read_documents(src) for name, src in texts.items()}
+    if morphology and lexicon is None:  # plausible stems: the words of the evaluated texts themselves
+        from trkit.turkish import build_lexicon
+
+        lexicon = build_lexicon(collections.Counter(w for docs in documents.values() for d in docs
+                                                    for w in split_words(d)).items())
+    for name, docs in documents.items():
         eb = b.encode_batch(docs, add_special_tokens=False)
         et = t.encode_batch(docs, add_special_tokens=False)
         tok_b = sum(len(e.ids) for e in eb)

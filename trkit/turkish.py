@@ -24,8 +24,9 @@
   parses whose chain is valid, the stem is the shortest one that an optional lexicon (word ->
   count, e.g. the corpus's words) knows at least half as often as the whole word (so frequent
   words that merely end like a suffix stay whole; stems of two letters only before a suffix of two
-  letters or more, as in ev|ler); without a lexicon, conservatively, the longest stem of at least
-  three letters whose chain has a suffix of two letters or more. It is a heuristic (Turkish is ambiguous: ``kalem``
+  letters or more, as in ev|ler); without a lexicon the shortest plausible stem (three letters or
+  more, no final consonant cluster that Turkish roots avoid) whose chain starts with a suffix of two
+  letters or more. It is a heuristic (Turkish is ambiguous: ``kalem``
   is a pen or "my castle"), used only to *discourage* merges, never to forbid them.
 """
 
@@ -211,7 +212,7 @@ def segment(word: str, lexicon: Mapping[str, int] | None = None) -> list[str]:
     """Split one word into [stem, suffix, suffix, ...] (lower-cased, Turkish rules); [word] if none.
 
     With ``lexicon`` (lower-cased word -> count, e.g. from the corpus) the stem is the shortest one
-    the lexicon knows (at least STEM_RATIO of the whole word's count); without it, the longest plausible stem.
+    the lexicon knows (at least STEM_RATIO of the whole word's count); without it, the shortest plausible stem.
     An apostrophe marks the stem boundary of proper nouns (``Türkiye'nin``).
     """
     w = lower(word)
@@ -238,10 +239,19 @@ def segment(word: str, lexicon: Mapping[str, int] | None = None) -> list[str]:
                 if n > 0 and n >= STEM_RATIO * whole:
                     return [stem] + chain
         return [w]
-    for stem, chain in reversed(candidates):
-        if len(stem) >= 3 and any(len(s) >= 2 for s in chain):
+    for stem, chain in candidates:
+        if _plausible_stem(stem) and len(chain[0]) >= 2:
             return [stem] + chain
     return [w]
+
+
+def _plausible_stem(stem: str) -> bool:
+    """At least three letters with a vowel, not ending in a consonant cluster Turkish roots avoid
+    (a final cluster must start with l, m, n, r, s, ş or y: kurt, renk, üst are fine, *evl is not)."""
+    if len(stem) < 3 or not any(c in VOWELS for c in stem):
+        return False
+    a, b = stem[-2], stem[-1]
+    return a in VOWELS or b in VOWELS or a in "lmnrsşy"
 
 
 def suffix_boundaries(word: str, lexicon: Mapping[str, int] | None = None) -> list[int]:
