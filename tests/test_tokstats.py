@@ -1,0 +1,91 @@
+"""Tokenizer report: counts, new-token use, and that round-trip / coarsening failures are detected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trkit import tokstats, vocab
+
+TEXTS = {
+    "tr": ["Geliyorum eve, yarın görüşürüz.", "Öğrenciler için hazırlanmış materyaller.",
+           "Türkiye'nin eğitim sisteminde gelişmeler."] * 3,
+    "en": ["The quick brown fox jumps over the lazy dog.", "Return the value of the named attribute."],
+}
+
+
+@pytest.fixture(scope="module")
+def small_ext(tmp_path_factory, qwen3_tokenizer_dir):
+    out = tmp_path_factory.mktemp("ts") / "ext"
+    vocab.extend_tokenizer(qwen3_tokenizer_dir, {"tr": TEXTS["tr"]}, 15, out, progress=False)
+    return out
+
+
+def test_base_against_itself(qwen3_tokenizer_dir):
+    rep = tokstats.compare(qwen3_tokenizer_dir, qwen3_tokenizer_dir, TEXTS)
+    assert rep["n_new_tokens"] == 0
+    for st in rep["sources"].values():
+        assert st["tokens"] == st["base_tokens"] and st["pct_fewer"] == 0.0
+        assert st["roundtrip_failures"] == 0 and st["coarsening_violations"] == 0
+        assert st["new_tokens_used_share"] is None
+
+
+def test_extension_report(qwen3_tokenizer_dir, small_ext):
+    rep = tokstats.compare(qwen3_tokenizer_dir, small_ext, TEXTS, morphology=True)
+    tr, en = rep["sources"]["tr"], rep["sources"]["en"]
+    assert rep["n_new_tokens"] == 15 and rep["base_vocab_size"] == 151_669
+    assert tr["words"] == 3 * (4 + 4 + 4)
+    assert tr["tokens"] < tr["base_tokens"] and tr["pct_fewer"] > 20
+    assert tr["fertility"] == pytest.approx(tr["tokens"] / tr["words"])
+    assert tr["chars_per_token"] == pytest.approx(tr["chars"] / tr["tokens"])
+    assert tr["new_tokens_used"] + tr["new_tokens_never_used"] == 15
+    assert en["pct_fewer"] == 0.0 and en["new_tokens_used"] == 0
+    assert tr["roundtrip_failures"] == 0 and tr["coarsening_violations"] == 0
+    assert 0.0 <= tr["morph_boundary_share"] <= 1.0 and tr["word_internal_boundaries"] > 0
+    assert rep["all"]["tokens"] == tr["tokens"] + en["tokens"]
+    assert rep["all"]["new_tokens_used"] == tr["new_tokens_used"]
+    assert "ALL" in tokstats.format_table(rep)
+
+
+def test_add_tokens_breakage_is_detected(tmp_path, qwen3_tokenizer):
+    """The ``add_tokens`` route (what common scripts do) breaks round trips on Turkish letters."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer.name_or_path)
+    tok.add_tokens(["Öğrenciler", "eğitim", "görüşürüz", "hazırlanmış"])
+    rep = tokstats.compare(qwen3_tokenizer, tok, {"tr": TEXTS["tr"]})
+    st = rep["sources"]["tr"]
+    assert st["roundtrip_failures"] > 0 or st["coarsening_violations"] > 0
+
+
+def test_coarsening_violation_detected(qwen3_tokenizer_dir, smollm2_dir):
+    # a different tokenizer is not a coarsening of Qwen3's
+    rep = tokstats.compare(qwen3_tokenizer_dir, smollm2_dir, {"tr": TEXTS["tr"]})
+    assert rep["sources"]["tr"]["coarsening_violations"] > 0
+
+
+def test_word_token_counts(qwen3_tokenizer_dir, small_ext):
+    docs = ["Geliyorum eve, yarın görüşürüz."]
+    base = tokstats.word_token_counts(qwen3_tokenizer_dir, docs)
+    ext = tokstats.word_token_counts(small_ext, docs)
+    assert len(base) == len(ext) == 4
+    assert sum(ext) <= sum(base) and all(n >= 1 for n in ext)
+
+
+def test_read_documents(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("bir\n\n  \niki\n", encoding="utf-8")
+    assert tokstats.read_documents(p) == ["bir", "iki"]
+    assert tokstats.read_documents(["a", "", "b"]) == ["a", "b"]
+
+
+def test_cli_json(tmp_path, small_ext, capsys):
+    from trkit.cli import main
+
+    f = tmp_path / "tr.txt"
+    f.write_text("\n".join(TEXTS["tr"]), encoding="utf-8")
+    assert main(["tokstats", "--base", "qwen3", "--tokenizer", str(small_ext), "--text", str(f), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["sources"]["tr"]["pct_fewer"] > 20
+    assert main(["tokstats", "--tokenizer", str(small_ext), "--text", str(tmp_path / "nope.txt")]) == 2
