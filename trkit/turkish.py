@@ -15,9 +15,9 @@
   front (e i ö ü). ``vowel_harmony`` is None for words with fewer than two vowels; the rate over a
   text is a language signal (loanwords and English fail it).
 * ``turkish_score``: 0.4 * min(1, stopword share / 0.12) + 0.4 * min(1, Turkish-letter share / 0.04)
-  + 0.2 * clip((vowel-harmony rate - 0.5) / 0.3, 0, 1) over the text's words and letters. Turkish
-  running text scores near 1, English near 0; short Turkish sentences without stopwords or
-  Turkish letters still get the harmony share.
+  + 0.2 * clip((vowel-harmony rate - 0.5) / 0.3, 0, 1) over the text's words and letters, times
+  (1 - min(1, English-stopword share / 0.1)). Turkish running text scores near 1, English 0; short
+  Turkish sentences without stopwords or Turkish letters still get the harmony share.
 * Suffixes: ``segment`` splits a word into stem + suffix chain with a curated inventory of suffix
   allomorphs (``trkit/data/turkish_suffixes.tsv``, written for this project) and a slot order
   (derivation < negation < tense < plural < possessive < case < -ki < copula < person). Among the
@@ -46,6 +46,10 @@ VOWELS = BACK_VOWELS | FRONT_VOWELS
 STOPWORDS = frozenset(
     "ve bir bu da de için ile çok daha gibi ne o ben sen biz siz onlar şu her ama ancak veya ya en "
     "olarak olan ki mi mı mu mü değil var yok kadar sonra önce göre diye ise hem bile şey".split()
+)
+
+ENGLISH_STOPWORDS = frozenset(
+    "the and is of to that this with for are was be by from which you not have were has been will would".split()
 )
 
 _UPPER_MAP = str.maketrans({"i": "İ", "ı": "I"})
@@ -128,7 +132,9 @@ def turkish_score(text: str) -> float:
     tr = sum(c in TURKISH_LETTERS for c in letters) / len(letters)
     harmony = [h for h in map(vowel_harmony, words) if h is not None]
     harm = sum(harmony) / len(harmony) if harmony else 0.0
-    return 0.4 * min(1.0, stop / 0.12) + 0.4 * min(1.0, tr / 0.04) + 0.2 * min(1.0, max(0.0, (harm - 0.5) / 0.3))
+    english = sum(w in ENGLISH_STOPWORDS for w in words) / len(words)
+    score = 0.4 * min(1.0, stop / 0.12) + 0.4 * min(1.0, tr / 0.04) + 0.2 * min(1.0, max(0.0, (harm - 0.5) / 0.3))
+    return score * (1.0 - min(1.0, english / 0.1))
 
 
 # --------------------------------------------------------------------------------------------
