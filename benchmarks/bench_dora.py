@@ -66,9 +66,10 @@ def build_base(in_f: int, out_f: int, base: str, device: str) -> Box:
         return Box(dense.to(device))
     import bitsandbytes as bnb
 
-    compute = torch.bfloat16 if device == "cuda" else torch.float32  # QLoRA's setting on GPU
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute, quant_type="nf4", compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    # QLoRA on a GPU: a bf16 checkpoint quantised to NF4, bf16 compute; on CPU everything stays fp32
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.to(dtype), requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer = layer.to(device)
     layer.support_avx512bf16_for_cpu = False  # bitsandbytes CPU trap (shared/OFFLINE.md)
     box = Box(layer)

@@ -112,10 +112,12 @@ def _iter_dense_row_chunks(layer: nn.Module, chunk_elements: int = _ROW_CHUNK_EL
     elif kind == "8bit":
         from bitsandbytes.functional import int8_vectorwise_dequant
 
+        # the row scales live on the weight until the first forward, then in the layer's state
+        scales = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
         rows = max(1, chunk_elements // in_f)
         for r0 in range(0, out_f, rows):
             r1 = min(out_f, r0 + rows)
-            yield r0, r1, int8_vectorwise_dequant(layer.weight.data[r0:r1], layer.weight.SCB[r0:r1])
+            yield r0, r1, int8_vectorwise_dequant(layer.weight.data[r0:r1], scales[r0:r1])
     else:
         rows = max(1, chunk_elements // in_f)
         for r0 in range(0, out_f, rows):
@@ -196,37 +198,51 @@ class DoRALinear(nn.Module):
         return n_sq.clamp_min(0).sqrt()
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """n = ‖W0 + s·B·A‖_row in fp32 (W0·Aᵀ from fp32 row chunks of W0; used by merge and tests)."""
+    def _w0_at_from_chunks(self) -> torch.Tensor:
+        """(W0·Aᵀ)ᵀ (r×out, fp32) from fp32 row chunks of W0 (dequantised chunk by chunk)."""
         A = self.lora_A.weight.detach().float()
         w0_at = torch.empty(self.r, self.out_features, dtype=torch.float32, device=A.device)
         for r0, r1, w in _iter_dense_row_chunks(self.base_layer):
             w0_at[:, r0:r1] = A @ w.float().T
-        return self._norm_from_w0_at(w0_at)
+        return w0_at
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·B·A‖_row in fp32, from fp32 row chunks of W0 (used by merge and tests)."""
+        return self._norm_from_w0_at(self._w0_at_from_chunks())
 
     def _base_outputs(self, x: torch.Tensor, x_dropped: torch.Tensor | None):
-        """base(x), base(x') (when dropout is active) and (W0·Aᵀ)ᵀ + b, all from the base layer itself.
+        """base(x), base(x') (when dropout is active) and (W0·Aᵀ)ᵀ without bias (r×out, fp32).
 
-        A bitsandbytes layer dequantises all of W0 on every call, so it gets one call on the stacked
-        rows [x; x'; A]. A dense layer gets separate calls: a 16-row GEMM re-reads W0 once, which is
-        cheaper than copying x into a stack and zero-filling the stack's gradient.
+        A bitsandbytes 4-bit layer dequantises all of W0 on every call, so it gets one call on the
+        stacked rows [x; x'; A]. A dense layer gets separate calls: a 16-row GEMM re-reads W0 once,
+        which is cheaper than copying x into a stack and zero-filling the stack's gradient. An 8-bit
+        layer's int8 matmul also quantises its input rows (LLM.int8), which would put about 1% error
+        into W0·Aᵀ, so its int8 weight is read in row chunks instead.
         """
+        kind = _bnb_kind(self.base_layer)
+        bias = self.base_layer.bias
         A = self.lora_A.weight.detach().to(x.dtype)
-        if _bnb_kind(self.base_layer) is None:
+        if kind != "4bit":
             base_out = self.base_layer(x)
             base_dropped = self.base_layer(x_dropped.to(x.dtype)) if x_dropped is not None else None
+            if kind == "8bit":
+                return base_out, base_dropped, self._w0_at_from_chunks()
             with torch.no_grad():
                 w0_at = self.base_layer(A).float()
-            return base_out, base_dropped, w0_at
-        rows = [x.reshape(-1, self.in_features)]
-        if x_dropped is not None:
-            rows.append(x_dropped.to(x.dtype).reshape(-1, self.in_features))
-        rows.append(A)
-        full = self.base_layer(torch.cat(rows))
-        tokens = rows[0].shape[0]
-        base_out = full[:tokens].view(*x.shape[:-1], self.out_features)
-        base_dropped = full[tokens : 2 * tokens].view_as(base_out) if x_dropped is not None else None
-        return base_out, base_dropped, full[-self.r :].detach().float()
+        else:
+            rows = [x.reshape(-1, self.in_features)]
+            if x_dropped is not None:
+                rows.append(x_dropped.to(x.dtype).reshape(-1, self.in_features))
+            rows.append(A)
+            full = self.base_layer(torch.cat(rows))
+            tokens = rows[0].shape[0]
+            base_out = full[:tokens].view(*x.shape[:-1], self.out_features)
+            base_dropped = full[tokens : 2 * tokens].view_as(base_out) if x_dropped is not None else None
+            w0_at = full[-self.r :].detach().float()
+        if bias is not None:
+            w0_at = w0_at - bias.float()
+        return base_out, base_dropped, w0_at
 
     def _cache_key(self, dtype: torch.dtype) -> tuple:
         A, B = self.lora_A.weight, self.lora_B.weight
@@ -249,8 +265,6 @@ class DoRALinear(nn.Module):
             base_dropped = None
         else:
             base_out, base_dropped, w0_at = self._base_outputs(x, x_lora if dropout_active else None)
-            if bias is not None:
-                w0_at = w0_at - bias.float()
             n = self._norm_from_w0_at(w0_at)  # detached: no gradient flows through the norm (§4.3)
             if not self.training:
                 self._norm_cache = (self._cache_key(x.dtype), n)
