@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
             opt = SophiaG(params, lr=args.lr, rho=sophia_names[name], weight_decay=args.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
         runs[name] = {"model": model, "opt": opt, "sched": sched, "times": [], "train_loss": [], "curve": [],
-                      "schedule": HessianSchedule(opt, k=args.k, seed=args.seed, max_grad_norm=1.0) if name == "sophiag" else None}
+                      "schedule": HessianSchedule(opt, k=args.k, seed=args.seed, max_grad_norm=1.0) if name in sophia_names else None}
 
     batches = training_batches(tokenizer, args.steps, args.batch, args.seq_len, args.seed)
     val_docs = validation_documents(args.eval_docs)
@@ -219,6 +219,8 @@ def main(argv=None) -> dict:
                 hit += int((st["exp_avg"].abs() < rho * group["bs"] * st["hessian"]).sum())
         probe[str(rho)] = hit / total
     result["optimizers"]["sophiag"]["final_win_rate_if_rho"] = probe
+    for name in sophia_names:
+        assert runs[name]["schedule"].history, f"{name} ran without GNB passes"
     best = min(runs, key=lambda n: runs[n]["curve"][-1]["bpc"])
     result["best_final_bpc"] = best
     result["sophia_step_time_goal_met"] = all(result["ratios_vs_adamw"][n]["step_time_mean"] <= 1.15 for n in sophia_names)

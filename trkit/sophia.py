@@ -60,7 +60,7 @@ class SophiaG(Optimizer):
         params: parameters or param groups.
         lr: learning rate (the largest per-coordinate move; default 1e-4 as in the reference).
         betas: (beta1, beta2): momentum and Hessian-EMA coefficients (0.965, 0.99).
-        rho: clipping threshold gamma/rho of the paper (0.04).
+        rho: the paper's clipping constant per label position: steps divide by rho * bs * h (0.04).
         weight_decay: decoupled weight decay lambda (0.1).
         bs: label positions behind one Hessian estimate (see the module docstring); the reference
             passes ``total_bs * block_size``. Kept per param group so a training loop can update it.
@@ -110,8 +110,9 @@ class SophiaG(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
-                self._state(p)["hessian"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                h = self._state(p)["hessian"]
+                g = p.grad.to(h.dtype)
+                h.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
     @torch.no_grad()
     def init_hessian(self) -> None:
@@ -126,8 +127,9 @@ class SophiaG(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
-                self._state(p)["hessian"].copy_(g * g)
+                h = self._state(p)["hessian"]
+                g = p.grad.to(h.dtype)
+                h.copy_(g * g)
 
     @torch.no_grad()
     def step(self, closure=None):
