@@ -630,9 +630,11 @@ def learn_merges(
 
 def extended_tokenizer_json(base: BaseTokenizer, learned: LearnedMerges) -> dict:
     """The base tokenizer.json with the added tokens pinned in the BPE vocab and the merges appended."""
-    tj = json.loads(json.dumps(base.tokenizer_json))  # deep copy, keeps key order
-    model = tj["model"]
-    vocab: dict[str, int] = model["vocab"]
+    tj = dict(base.tokenizer_json)  # copies of the parts we change; the rest is shared, read-only
+    model = tj["model"] = dict(tj["model"])
+    vocab: dict[str, int] = dict(model["vocab"])
+    model["vocab"] = vocab
+    model["merges"] = list(model["merges"])
     used_ids = set(vocab.values())
     for t in tj.get("added_tokens", []):
         # transformers 5 rebuilds the BPE from vocab+merges and re-adds special tokens: absent from the
@@ -693,7 +695,7 @@ def extend_tokenizer(
     ``AutoTokenizer.from_pretrained(out_dir)``; ``trkit_manifest.json`` records the base tokenizer's
     sha256 and fingerprint, the corpus sha256, the parameters and every new token with its parents.
     """
-    from trkit.artifacts import atomic_directory, atomic_write_json, write_manifest
+    from trkit.artifacts import atomic_directory, atomic_write_text, write_manifest
 
     t0 = time.perf_counter()
     if out_dir is not None and Path(out_dir).exists() and not overwrite:
@@ -735,11 +737,9 @@ def extend_tokenizer(
                 src = b.directory / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-            from trkit.artifacts import atomic_write_text
-
-            atomic_write_text(tmp / "tokenizer.json", json.dumps(tj, ensure_ascii=False, indent=2) + "\n")
-            if (b.directory / "vocab.json").is_file():
-                atomic_write_json(tmp / "vocab.json", tj["model"]["vocab"])
+            atomic_write_text(tmp / "tokenizer.json", json.dumps(tj, ensure_ascii=False) + "\n")
+            if (b.directory / "vocab.json").is_file():  # for tools that read the slow-tokenizer files
+                atomic_write_text(tmp / "vocab.json", json.dumps(tj["model"]["vocab"], ensure_ascii=False) + "\n")
             if (b.directory / "merges.txt").is_file():
                 lines = ["#version: 0.2"] + [" ".join(_merge_pair(m)) for m in tj["model"]["merges"]]
                 atomic_write_text(tmp / "merges.txt", "\n".join(lines) + "\n")
