@@ -6,7 +6,8 @@ weights and the same A, B (B non-zero) and m, and the benchmark checks that trki
 outputs agree before it times anything. The input requires grad (as a layer inside a model does).
 
 Time: the three methods are run round-robin in one process (so a busy machine slows them alike);
-the median of ``--repeats`` steps is reported.
+the median and the minimum (best of N: noise on a shared machine only ever adds time) of
+``--repeats`` steps are reported, with ratios for both.
 
 Peak memory, the extra bytes a step needs above what is live before it (weights, input, output
 gradient):
@@ -255,6 +256,7 @@ def run(args) -> dict:
                     "base": base,
                     "method": m,
                     "time_s_median": statistics.median(times[m]),
+                    "time_s_min": min(times[m]),
                     "time_s_all": [round(t, 4) for t in times[m]],
                     **memory[m],
                 }
@@ -270,6 +272,9 @@ def run(args) -> dict:
                 "trkit_vs_peft_dora_output_rel_diff": rel,
                 "time_vs_peft_dora": t["time_s_median"] / pd["time_s_median"],
                 "time_vs_peft_lora": t["time_s_median"] / pl["time_s_median"],
+                # best of N: on a shared machine noise only adds time, so the minimum is the steadier estimate
+                "time_min_vs_peft_dora": t["time_s_min"] / pd["time_s_min"],
+                "time_min_vs_peft_lora": t["time_s_min"] / pl["time_s_min"],
                 "peak_vs_peft_dora": t["peak_alloc_bytes"] / pd["peak_alloc_bytes"],
                 "peak_vs_peft_lora": t["peak_alloc_bytes"] / pl["peak_alloc_bytes"],
             }
@@ -277,6 +282,7 @@ def run(args) -> dict:
                 ratio["peak_rss_vs_peft_dora"] = t["peak_rss_bytes"] / pd["peak_rss_bytes"]
                 ratio["peak_rss_vs_peft_lora"] = t["peak_rss_bytes"] / pl["peak_rss_bytes"]
             ratio["goals_met"] = {k: ratio[k] <= v for k, v in GOALS.items()}
+            ratio["goals_met_best_of_n"] = {k: ratio[k.replace("time_", "time_min_")] <= v for k, v in GOALS.items() if k.startswith("time_")}
             ratios.append(ratio)
     import peft
 

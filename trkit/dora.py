@@ -19,9 +19,11 @@ in every forward. We expand the square instead; nothing larger than out×r or r�
 
 ‖W0‖²_row is computed once when the layer is wrapped (row chunk by row chunk for bitsandbytes
 4-bit/8-bit weights) and kept as a buffer. W0·Aᵀ comes from running the frozen base layer on the r
-rows of A and subtracting its bias, so a bitsandbytes layer uses its own kernel; for such a layer
-the r rows are stacked under the tokens, [x; A], so W0 is dequantised once per forward, not twice.
-G, the row sums and n² are accumulated in fp32. In eval mode n is cached until A or B change.
+rows of A and subtracting its bias, so a bitsandbytes 4-bit layer uses its own kernel; there the r
+rows are stacked under the tokens, [x; A], so W0 is dequantised once per forward, not twice. (An
+8-bit layer's LLM.int8 GEMM would quantise A itself, so W0·Aᵀ is read from its int8 weight in row
+chunks instead.) G, the row sums and n² are accumulated in fp32. In eval mode n is cached until A
+or B change (PEFT's cache is off by default).
 
 Dropout follows PEFT: in training with p > 0 the adapter branch sees x' = dropout(x) and the output
 is base(x) + (m/n − 1)·W0·x' + (m/n)·s·B·A·x' (one more base GEMM on x'); otherwise x' = x and the
@@ -188,14 +190,20 @@ class DoRALinear(nn.Module):
         return super().train(mode)
 
     def _norm_from_w0_at(self, w0_at: torch.Tensor) -> torch.Tensor:
-        """n from (W0·Aᵀ)ᵀ (r×out): n² = ‖W0‖² + 2s·rowsum(B ⊙ W0Aᵀ) + s²·rowsum((B·G) ⊙ B), in fp32."""
+        """n from (W0·Aᵀ)ᵀ (r×out): n² = ‖W0‖² + 2s·rowsum(B ⊙ W0Aᵀ) + s²·rowsum((B·G) ⊙ B), in fp32.
+
+        Written as n² = ‖W0‖² + colsum(Bᵀ ⊙ (2s·W0Aᵀᵀ + s²·G·Bᵀ)): one addmm builds the r×out
+        bracket, so the whole norm takes seven small ops (each op has a fixed cost: a kernel launch
+        on a GPU, a thread wake-up on a busy CPU).
+        """
         A = self.lora_A.weight.detach().float()
-        B = self.lora_B.weight.detach().float()
+        Bt = self.lora_B.weight.detach().float().T  # r×out
         s = self.scaling
         with torch.autocast(A.device.type, enabled=False):
             gram = A @ A.T  # G = A·Aᵀ, r×r
-            n_sq = self.weight_row_norm_sq + 2 * s * (B * w0_at.float().T).sum(dim=1) + (s * s) * ((B @ gram) * B).sum(dim=1)
-        return n_sq.clamp_min(0).sqrt()
+            bracket = torch.addmm(w0_at.float(), gram, Bt, beta=2 * s, alpha=s * s)  # 2s·(W0·Aᵀ)ᵀ + s²·G·Bᵀ
+            n_sq = (Bt * bracket).sum(dim=0).add_(self.weight_row_norm_sq)
+        return n_sq.clamp_min_(0).sqrt_()
 
     @torch.no_grad()
     def _w0_at_from_chunks(self) -> torch.Tensor:
