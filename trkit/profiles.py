@@ -69,7 +69,9 @@ PROFILES: dict[str, Profile] = {
         base_model="Qwen/Qwen3-8B", corpus="HuggingFaceFW/fineweb-2:tur_Latn", gpu_memory_gb=15.0,
     ),
     "a100": Profile(
-        name="a100", device="cuda", dtype="bfloat16", load_in_4bit=False, batch_size=8, grad_accum=4,
+        # batch 2 x 2048: at batch 8 the fp32 logits of Qwen3's 151,936-row vocabulary alone are 28 GiB
+        # (trkit.memory's estimate), an OOM on an A100-40.
+        name="a100", device="cuda", dtype="bfloat16", load_in_4bit=False, batch_size=2, grad_accum=16,
         max_seq_len=2048, gradient_checkpointing=True, attn_implementation="sdpa",
         base_model="Qwen/Qwen3-8B", corpus="HuggingFaceFW/fineweb-2:tur_Latn", gpu_memory_gb=40.0,
     ),
