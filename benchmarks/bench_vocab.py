@@ -161,12 +161,13 @@ def part_quality() -> dict:
 
 
 RULES = {
-    "frequency": dict(selection="frequency", word_exponent=1.0, morphology=False),
-    "frequency+morphology": dict(selection="frequency", word_exponent=1.0, morphology=True),
-    "balanced": dict(selection="balanced", word_exponent=1.0, morphology=False),
-    "balanced+morphology": dict(selection="balanced", word_exponent=1.0, morphology=True),
-    "balanced+sqrt (default)": dict(selection="balanced", word_exponent=0.5, morphology=False),
-    "balanced+sqrt+morphology": dict(selection="balanced", word_exponent=0.5, morphology=True),
+    "frequency": dict(selection="frequency", morphology=False),
+    "frequency+morphology": dict(selection="frequency", morphology=True),
+    "balanced (equal source totals)": dict(selection="balanced", balance_exponent=1.0, morphology=False),
+    "balanced+morphology": dict(selection="balanced", balance_exponent=1.0, morphology=True),
+    "half-balanced (default)": dict(selection="balanced", balance_exponent=0.5, morphology=False),
+    "half-balanced+morphology": dict(selection="balanced", balance_exponent=0.5, morphology=True),
+    "half-balanced+sqrt word counts": dict(selection="balanced", balance_exponent=0.5, word_exponent=0.5),
 }
 
 

@@ -46,7 +46,7 @@ profile = "auto"          # auto | cpu | t4 | a100 | gpu
 workdir = ""              # empty: Drive on Colab, ./trkit-work elsewhere
 corpus = "auto"           # auto: the profile's corpus (cpu: offline default; GPU: FineWeb-2 tur_Latn, streamed);
                           # or "default", a hub dataset "name" / "name:config", or a local file path
-hub_documents = 200_000   # documents streamed from a hub corpus
+hub_documents = 50_000    # documents streamed from a hub corpus (FineWeb-2 pages: ~3.5k characters each)
 base_tokenizer = "auto"   # auto: the profile's base model (GPU: Qwen/Qwen3-8B, cpu: SmolLM2); or "qwen3", a dir, a hub name
 new_tokens = 20_000
 selection = "balanced"    # balanced (default) | frequency
@@ -81,9 +81,10 @@ pd.DataFrame(prep.table()).set_index("what")
 
 # %% [markdown]
 # ## 2. Learn the merges
-# Pair scores are balanced across the corpus's sources (each source's counts scaled to the same total,
-# summed as log1p), with square-root damping of word frequencies: measured on registers the merges were
-# not learned on, this uses more of the new tokens than plain frequency-greedy BPE.
+# Pair scores are balanced across the corpus's sources (each source's counts rescaled halfway towards the
+# same total, then summed as log1p, so a pair found in every source wins over one frequent in a single
+# source): measured on registers the merges were not learned on, this gives more reduction and leaves
+# fewer new tokens unused than plain frequency-greedy BPE.
 
 # %%
 from trkit import vocab

@@ -206,7 +206,7 @@ def test_special_tokens_single_ids_inside_text(backends):
 # ---------------------------------------------------------------------------------- the learner itself
 
 
-def _naive_greedy_check(base, words, learned, selection, word_exponent):
+def _naive_greedy_check(base, words, learned, selection, word_exponent, balance_exponent):
     """Recount every pair from scratch at every step and check each chosen pair had the best score."""
     vocab_map = base.backend.get_vocab(with_added_tokens=True)
     id_to_str = {i: s for s, i in vocab_map.items()}
@@ -225,7 +225,8 @@ def _naive_greedy_check(base, words, learned, selection, word_exponent):
 
     init = counts_now()
     totals = [sum(v[s] for v in init.values()) for s in range(S)]
-    scale = [1e5 / t for t in totals]
+    mean = sum(totals) / S
+    scale = [1e5 / mean * (mean / t) ** balance_exponent for t in totals]
 
     def score(v):
         if selection == "frequency":
@@ -249,17 +250,19 @@ def _naive_greedy_check(base, words, learned, selection, word_exponent):
                 i += 1
 
 
-@pytest.mark.parametrize("selection,word_exponent", [("frequency", 1.0), ("balanced", 0.5)])
-def test_incremental_counts_match_naive_recount(qwen3_tokenizer_dir, selection, word_exponent):
+@pytest.mark.parametrize("selection,word_exponent,balance_exponent",
+                         [("frequency", 1.0, 0.5), ("balanced", 0.5, 1.0), ("balanced", 1.0, 0.5)])
+def test_incremental_counts_match_naive_recount(qwen3_tokenizer_dir, selection, word_exponent, balance_exponent):
     base = vocab.load_base(qwen3_tokenizer_dir)
     texts = {
         "a": TURKISH_SENTENCES * 3 + ["evlerinde evlerimizde evlerinizden kitaplarımızdan aaa aaaa aaaaa"],
         "b": ["Kitapları masaya koydular, evlerine döndüler.", "Öğretmenler öğrencilerle konuştu."] * 2,
     }
     words = vocab.count_words(base, texts, progress=False)
-    learned = vocab.learn_merges(base, words, 40, selection=selection, word_exponent=word_exponent, progress=False)
+    learned = vocab.learn_merges(base, words, 40, selection=selection, word_exponent=word_exponent,
+                                 balance_exponent=balance_exponent, progress=False)
     assert len(learned.merges) > 10
-    _naive_greedy_check(base, words, learned, selection, word_exponent)
+    _naive_greedy_check(base, words, learned, selection, word_exponent, balance_exponent)
 
 
 def test_stem_boundaries_are_byte_offsets():
@@ -289,6 +292,8 @@ def test_bad_inputs(tmp_path, qwen3_tokenizer_dir):
     empty.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         vocab.extend_tokenizer(qwen3_tokenizer_dir, [empty], 10, tmp_path / "x", progress=False)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        vocab.extend_tokenizer(qwen3_tokenizer_dir, [str(tmp_path / "typo.txt")], 10, progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         vocab.extend_tokenizer(qwen3_tokenizer_dir, ["ev evler"], 10, tmp_path / "exists", progress=False)

@@ -13,15 +13,17 @@ extended segmentation is the base segmentation with some adjacent tokens glued t
 except where a new merge applies.
 
 Pair score. Each distinct word ``w`` seen ``f_w`` times in source ``s`` weighs ``f_w ** word_exponent``
-(default 0.5: square-root damping, so a handful of very frequent topic words -- `` Efendiler``,
-`` Paşa`` in Atatürk's speeches -- cannot buy most of the budget); ``c_s(a,b)`` is the summed weight
-of the adjacent occurrences of ``(a, b)`` in source ``s``:
+(default 1: plain counts; 0.5 damps very frequent words); ``c_s(a,b)`` is the summed weight of the
+adjacent occurrences of ``(a, b)`` in source ``s`` and ``T_s = sum_pairs c_s`` its source's total:
 
 * ``selection="frequency"``: ``score = sum_s c_s(a,b)`` (plain BPE).
-* ``selection="balanced"``: every source's pair counts are scaled to the same total ``T``
-  (``k_s = T / sum_pairs c_s``) and ``score = sum_s log1p(k_s * c_s(a,b))``; a pair seen in every
-  source beats a pair frequent in one source only, which is what carries over to unseen registers.
-  With a single source it is the same as ``frequency``.
+* ``selection="balanced"``: ``score = sum_s log1p(k_s * c_s(a,b))`` with
+  ``k_s = (T / mean_T) * (mean_T / T_s) ** balance_exponent``. With ``balance_exponent=1`` every
+  source is scaled to the same total ``T`` (the "balanced sources" rule of the issue); the default
+  0.5 balances halfway, so a 0.2 MB source is not weighted like a 2.5 MB one. The log1p makes a pair
+  seen in every source beat a pair frequent in one source only: that is what carries over to
+  registers the corpus does not contain (measured in ``benchmarks/bench_vocab.py``). With a single
+  source it orders pairs as ``frequency`` does.
 * ``morphology=True`` additionally multiplies each occurrence's weight by ``morphology_penalty``
   when the junction between ``a`` and ``b`` lies on a stem|suffix boundary proposed by
   ``trkit.turkish.suffix_boundaries`` (a curated inventory of Turkish suffix allomorphs), so merges
@@ -76,7 +78,8 @@ DEFAULT_SELECTION = "balanced"
 DEFAULT_MORPHOLOGY = False
 DEFAULT_MORPHOLOGY_PENALTY = 0.5
 DEFAULT_BALANCE_TOTAL = 1e5
-DEFAULT_WORD_EXPONENT = 0.5
+DEFAULT_WORD_EXPONENT = 1.0
+DEFAULT_BALANCE_EXPONENT = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +287,10 @@ def corpus_sources(texts_or_files: Any) -> dict[str, Iterable[str] | Path]:
     if isinstance(texts_or_files, (str, os.PathLike)):
         texts_or_files = [texts_or_files]
     items = list(texts_or_files)
+    for x in items:
+        if isinstance(x, str) and not os.path.exists(x) and not any(c.isspace() for c in x) \
+                and x.lower().endswith((".txt", ".jsonl", ".json", ".parquet")):
+            raise FileNotFoundError(f"{x}: no such file (pass existing corpus files, 'default', or texts)")
     if not items:
         raise ValueError("the corpus is empty: pass 'default', file paths, or a list of Turkish texts")
     paths = [x for x in items if isinstance(x, os.PathLike) or (isinstance(x, str) and "\n" not in x and len(x) < 4096
@@ -447,6 +454,7 @@ def learn_merges(
     morphology: bool = DEFAULT_MORPHOLOGY,
     morphology_penalty: float = DEFAULT_MORPHOLOGY_PENALTY,
     balance_total: float = DEFAULT_BALANCE_TOTAL,
+    balance_exponent: float = DEFAULT_BALANCE_EXPONENT,
     min_frequency: int = 2,
     word_exponent: float = DEFAULT_WORD_EXPONENT,
     progress: bool = True,
@@ -458,6 +466,8 @@ def learn_merges(
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if n_new_tokens < 1:
         raise ValueError(f"n_new_tokens must be >= 1, got {n_new_tokens}")
+    if not 0 <= balance_exponent <= 1:
+        raise ValueError(f"balance_exponent must be in [0, 1], got {balance_exponent}")
     if not 0 < word_exponent <= 1:
         raise ValueError(f"word_exponent must be in (0, 1], got {word_exponent}")
     if not 0 < morphology_penalty <= 1:
@@ -517,11 +527,16 @@ def learn_merges(
         for c in counts.values():
             for s in range(S):
                 totals[s] += c[s]
-        scale = [balance_total / t if t > 0 else 0.0 for t in totals]
+        mean_total = sum(totals) / S
+        scale = [balance_total / mean_total * (mean_total / t) ** balance_exponent if t > 0 else 0.0 for t in totals]
         log1p = math.log1p
 
         def score(c: list[float]) -> float:
-            return sum(log1p(k * x) for k, x in zip(scale, c) if x > 0)
+            total = 0.0
+            for k, x in zip(scale, c):
+                if x > 0:
+                    total += log1p(k * x)
+            return total
 
     else:
 
@@ -683,6 +698,7 @@ def extend_tokenizer(
     morphology: bool = DEFAULT_MORPHOLOGY,
     morphology_penalty: float = DEFAULT_MORPHOLOGY_PENALTY,
     balance_total: float = DEFAULT_BALANCE_TOTAL,
+    balance_exponent: float = DEFAULT_BALANCE_EXPONENT,
     word_exponent: float = DEFAULT_WORD_EXPONENT,
     min_frequency: int = 2,
     overwrite: bool = False,
@@ -707,7 +723,8 @@ def extend_tokenizer(
     t2 = time.perf_counter()
     learned = learn_merges(b, words, n_new_tokens, selection=selection, morphology=morphology,
                            morphology_penalty=morphology_penalty, balance_total=balance_total,
-                           word_exponent=word_exponent, min_frequency=min_frequency, progress=progress)
+                           balance_exponent=balance_exponent, word_exponent=word_exponent,
+                           min_frequency=min_frequency, progress=progress)
     t3 = time.perf_counter()
     tj = extended_tokenizer_json(b, learned)
     id_to_str = {i: s for s, i in tj["model"]["vocab"].items()}
@@ -725,7 +742,8 @@ def extend_tokenizer(
         corpus_sources={n: {"documents": d, "bytes": by} for n, d, by in zip(words.sources, words.documents, words.bytes)},
         parameters=dict(n_new_tokens=n_new_tokens, selection=selection, morphology=morphology,
                         morphology_penalty=morphology_penalty, balance_total=balance_total,
-                        word_exponent=word_exponent, min_frequency=min_frequency),
+                        balance_exponent=balance_exponent, word_exponent=word_exponent,
+                        min_frequency=min_frequency),
         learned=dict(n_new_tokens=len(new_tokens), stopped_early=learned.stopped_early,
                      skipped_existing=learned.skipped_existing, skipped_unreachable=learned.skipped_unreachable),
         new_tokens=new_tokens,
@@ -786,6 +804,9 @@ def add_arguments(parser) -> None:
                         help="discourage merges across Turkish stem|suffix boundaries")
     parser.add_argument("--morphology-penalty", type=float, default=DEFAULT_MORPHOLOGY_PENALTY,
                         help="weight of a pair occurrence that crosses a stem|suffix boundary (0<p<=1)")
+    parser.add_argument("--balance-exponent", type=float, default=DEFAULT_BALANCE_EXPONENT,
+                        help="balanced selection: scale source s by (mean total / its total)**exponent "
+                             "(1 = every source the same total, 0 = no rescaling)")
     parser.add_argument("--word-exponent", type=float, default=DEFAULT_WORD_EXPONENT,
                         help="a word seen f times counts f**exponent (1 = plain counts, 0.5 = square-root damping)")
     parser.add_argument("--min-frequency", type=int, default=2, help="ignore pairs seen fewer times")
@@ -805,7 +826,8 @@ def run_cli(args) -> int:
         warnings.simplefilter("always", RuntimeWarning)
         result = extend_tokenizer(args.base, corpus, args.new_tokens, args.out, selection=args.selection,
                                   morphology=args.morphology, morphology_penalty=args.morphology_penalty,
-                                  word_exponent=args.word_exponent, min_frequency=args.min_frequency, overwrite=args.overwrite, progress=not args.quiet)
+                                  balance_exponent=args.balance_exponent, word_exponent=args.word_exponent,
+                                  min_frequency=args.min_frequency, overwrite=args.overwrite, progress=not args.quiet)
     for w in caught:
         print(f"warning: {w.message}")
     learned = result.manifest["learned"]
