@@ -6,8 +6,10 @@ weights and the same A, B (B non-zero) and m, and the benchmark checks that trki
 outputs agree before it times anything. The input requires grad (as a layer inside a model does).
 
 Time: the three methods are run round-robin in one process (so a busy machine slows them alike);
-the median and the minimum (best of N: noise on a shared machine only ever adds time) of
-``--repeats`` steps are reported, with ratios for both.
+per method the median and the minimum (best of N: noise only ever adds time) of ``--repeats``
+steps are reported, and per pair the median over rounds of the within-round ratio ("paired"),
+which is what the goals are checked on: the load of a shared machine changes during a run, and
+the three steps of one round run back to back under the same load.
 
 Peak memory, the extra bytes a step needs above what is live before it (weights, input, output
 gradient):
@@ -275,14 +277,17 @@ def run(args) -> dict:
                 # best of N: on a shared machine noise only adds time, so the minimum is the steadier estimate
                 "time_min_vs_peft_dora": t["time_s_min"] / pd["time_s_min"],
                 "time_min_vs_peft_lora": t["time_s_min"] / pl["time_s_min"],
+                # median over rounds of the ratio within a round (the three ran back to back, under the same load)
+                "time_paired_vs_peft_dora": statistics.median(a / b for a, b in zip(times["trkit_dora"], times["peft_dora"])),
+                "time_paired_vs_peft_lora": statistics.median(a / b for a, b in zip(times["trkit_dora"], times["peft_lora"])),
                 "peak_vs_peft_dora": t["peak_alloc_bytes"] / pd["peak_alloc_bytes"],
                 "peak_vs_peft_lora": t["peak_alloc_bytes"] / pl["peak_alloc_bytes"],
             }
             if "peak_rss_bytes" in t:
                 ratio["peak_rss_vs_peft_dora"] = t["peak_rss_bytes"] / pd["peak_rss_bytes"]
                 ratio["peak_rss_vs_peft_lora"] = t["peak_rss_bytes"] / pl["peak_rss_bytes"]
-            ratio["goals_met"] = {k: ratio[k] <= v for k, v in GOALS.items()}
-            ratio["goals_met_best_of_n"] = {k: ratio[k.replace("time_", "time_min_")] <= v for k, v in GOALS.items() if k.startswith("time_")}
+            # time goals judged on the paired ratios (robust to the load changing during the run)
+            ratio["goals_met"] = {k: ratio[k.replace("time_", "time_paired_")] <= v for k, v in GOALS.items()}
             ratios.append(ratio)
     import peft
 

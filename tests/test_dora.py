@@ -420,3 +420,21 @@ def test_eval_norm_cache_follows_adapter_changes(tiny_dir):
     assert not torch.allclose(changed, first, rtol=1e-3, atol=1e-3)
     layer.train()
     assert layer._norm_cache is None
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_and_trkit_needs_less_memory(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dora.py"
+    spec = importlib.util.spec_from_file_location("bench_dora", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dora.json"
+    assert bench.main(["--device", "cpu", "--shapes", "256x512", "--tokens", "16", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {(r["shape"], r["base"]) for r in result["ratios"]} == {("256x512", "fp32"), ("256x512", "nf4")}
+    for ratio in result["ratios"]:
+        assert ratio["trkit_vs_peft_dora_output_rel_diff"] < 1e-5
+        assert ratio["peak_vs_peft_dora"] < 0.6 and ratio["peak_rss_vs_peft_dora"] < 0.6
