@@ -30,6 +30,14 @@ adjacent occurrences of ``(a, b)`` in source ``s`` and ``T_s = sum_pairs c_s`` i
   that glue a suffix onto a stem need more evidence than merges inside a stem or inside a suffix
   chain.
 
+Which rule is the default (``benchmarks/results/vocab_generalization.json``, 20k merges, Qwen3): on
+Turkish software messages (a register absent from the corpus) and with each corpus source held out in
+turn, ``balanced`` with ``balance_exponent=0.5`` gives the largest mean reduction (29.5% vs 29.0% for
+plain frequency and 29.1% for equal source totals) with fewer never-used new tokens (57.4% vs 59.0%),
+for 0.7 points less on the in-domain validation split. The morphology penalty raises the share of
+word-internal boundaries that fall on suffix boundaries (0.110 -> 0.124) but costs fertility and
+unseen-register reduction under every rule, so it is off by default.
+
 Data structures (why it is fast in pure Python): words are counted once (``collections.Counter``
 over the Rust pre-tokeniser's output); each (word, source) entry is a list of integer ids with a
 parallel list of junction weights; ``counts`` maps an integer pair key ``a * 2**21 + b`` to its
@@ -75,7 +83,7 @@ TOKENIZER_FILES = (
 )
 SELECTIONS = ("frequency", "balanced")
 DEFAULT_SELECTION = "balanced"
-DEFAULT_MORPHOLOGY = False
+DEFAULT_MORPHOLOGY = False  # measured: no gain on unseen registers (see the docstring)
 DEFAULT_MORPHOLOGY_PENALTY = 0.5
 DEFAULT_BALANCE_TOTAL = 1e5
 DEFAULT_WORD_EXPONENT = 1.0
