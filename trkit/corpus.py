@@ -164,11 +164,11 @@ def resolve_inputs(inputs: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in inputs:
         if str(item) == "default":
-            from trkit.assets import corpus_files, validation_files
+            from trkit.assets import corpus_files
 
-            # the offline corpus ships pre-split; here it is re-pooled and split by our own hash
-            for k, p in corpus_files().items():
-                out[k] = [p, validation_files()[k]]
+            # only the offline corpus's training files: its validation files stay untouched, held out
+            # for every later stage (our own validation/test splits are carved from the training text)
+            out.update(corpus_files())
         else:
             p = Path(item)
             out[p.stem if p.stem not in out else str(p)] = p
