@@ -51,3 +51,16 @@ def test_manifest_detects_truncation_and_changes(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match="no trkit_manifest.json"):
         read_manifest(tmp_path / "nothing")
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "b.txt").write_text("y")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask

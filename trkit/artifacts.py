@@ -22,6 +22,12 @@ from typing import Any, Iterator
 MANIFEST_NAME = "trkit_manifest.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (no whole-file read)."""
     h = hashlib.sha256()
@@ -46,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets ordinary permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -85,6 +92,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out_dir.exists():
