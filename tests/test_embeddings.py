@@ -56,7 +56,7 @@ def test_init_rules(qwen_ext):
     w = torch.randn(rows, 8)
     trained = w[: ext.base_vocab_size].clone()
     for method in emb.OUTPUT_INITS:
-        if method == "joint":
+        if method == "fvt_offset":
             continue
         x = w.clone()
         emb.init_new_rows(x, ext, method, seed=3)
@@ -76,11 +76,15 @@ def test_init_rules(qwen_ext):
             assert torch.equal(x, y)
     d = torch.zeros(8)
     d[0] = 1.0
-    joint = emb.JointStats(direction=d, offsets={i: -2.0 for i in ext.new_ids})
+    b = -torch.arange(len(ext.new_ids), dtype=torch.float32) / 10
+    stats = emb.OffsetStats(direction=d, log_continuation=b, scale=0.5)
     x = w.clone()
-    emb.init_new_rows(x, ext, "joint", joint=joint)
-    i = ext.new_ids[0]
-    assert torch.allclose(x[i], trained[ext.constituents[i][0]] - 2.0 * d)
+    emb.init_new_rows(x, ext, "fvt_offset", offsets=stats)
+    for j in (0, 7):
+        i = ext.new_ids[j]
+        assert torch.allclose(x[i], trained[ext.constituents[i]].mean(0) + 0.5 * b[j] * d, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        emb.init_new_rows(x, ext, "fvt_offset", offsets=emb.OffsetStats(torch.zeros(4), b))
 
 
 def test_every_id_from_base_is_reinitialised(qwen_ext):
@@ -91,17 +95,17 @@ def test_every_id_from_base_is_reinitialised(qwen_ext):
     assert not (w[qwen_ext.base_vocab_size :] == 7.0).any()
 
 
-@pytest.mark.parametrize("init,output_init", [("fvt", "first"), ("random", "joint")])
+@pytest.mark.parametrize("init,output_init", [("fvt", "first"), ("random", "fvt_offset")])
 def test_checkpoint_and_in_memory_paths_agree_untied(qwen_ext, tiny_qwen3_dir, tmp_path, init, output_init):
     from transformers import AutoModelForCausalLM
 
     from trkit import assets
 
-    joint = emb.JointStats(torch.linspace(-1, 1, 64), {i: -1.5 for i in qwen_ext.new_ids})
+    stats = emb.OffsetStats(torch.linspace(-1, 1, 64), -torch.rand(len(qwen_ext.new_ids)) * 5, scale=0.5)
     out = tmp_path / "ext"
-    manifest = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, out, init=init, output_init=output_init, joint=joint,
-                                     progress=False)
-    model = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init=init, output_init=output_init, joint=joint,
+    manifest = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, out, init=init, output_init=output_init,
+                                     offsets=stats, progress=False)
+    model = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init=init, output_init=output_init, offsets=stats,
                              base_tokenizer=tiny_qwen3_dir)
     on_disk = _tensors(out)
     state = model.state_dict()
@@ -220,8 +224,8 @@ def test_bad_input(qwen_ext, tiny_qwen3_dir, tmp_path, qwen3_tokenizer_dir):
     # unknown rules, missing joint stats, existing output
     with pytest.raises(ValueError, match="unknown input init"):
         emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "o3", init="first", progress=False)
-    with pytest.raises(ValueError, match="joint"):
-        emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "o3", output_init="joint", progress=False)
+    with pytest.raises(ValueError, match="fvt_offset"):
+        emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "o3", output_init="fvt_offset", progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
         emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "exists", output_init="first", progress=False)
@@ -264,3 +268,79 @@ def test_peft_helpers(qwen_ext, tied_dir):
                           emb.new_rows_peft_config(untied, qwen_ext, r=4, target_modules=["q_proj"]))
     groups = emb.new_rows_param_groups(lora, lr=1e-3)
     assert [g["name"] for g in groups] == ["new_token_rows", "adapters"] and groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_log_continuation_counts(qwen_ext, qwen3_tokenizer):
+    from transformers import AutoTokenizer
+
+    ext_tok = AutoTokenizer.from_pretrained(qwen_ext.directory)
+    j = 3
+    w = qwen_ext.new_ids[j]
+    text = ext_tok.decode([w])
+    docs = [f"{text} {text}", "x" + text, "nothing here"]
+    b = emb.log_continuation(qwen_ext, qwen3_tokenizer, ext_tok, docs)
+    assert b.shape == (len(qwen_ext.new_ids),) and (b <= 0).all()
+    n_ext = sum(ids.count(w) for ids in ext_tok(docs, add_special_tokens=False)["input_ids"])
+    c1 = qwen_ext.constituents[w][0]
+    n_base = sum(ids.count(c1) for ids in qwen3_tokenizer(docs, add_special_tokens=False)["input_ids"])
+    assert n_ext >= 1 and b[j].item() == pytest.approx(min(0.0, float(torch.log(torch.tensor((n_ext + 0.5) / (n_base + 1))))))
+
+
+def test_constant_direction():
+    torch.manual_seed(0)
+    h = torch.randn(500, 16)
+    h[:, 3] = 4.0  # a constant component, as final RMSNorm outputs have
+    d = emb.constant_direction(h)
+    assert torch.allclose(h @ d, torch.ones(500), atol=1e-2)
+
+
+def test_estimate_offset_stats_and_roundtrip(qwen_ext, qwen3_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trkit import assets
+
+    ext_tok = AutoTokenizer.from_pretrained(qwen_ext.directory)
+    turkish = assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:40]
+    english = ["The quick brown fox jumps over the lazy dog.", "Assert statements are a convenient way to debug."]
+    model = assets.tiny_qwen3()
+    stats = emb.estimate_offset_stats(model, qwen_ext, qwen3_tokenizer, ext_tok, turkish, english)
+    assert model.get_input_embeddings().weight.shape[0] == qwen_ext.rows(151936)  # extended in place (fvt)
+    assert stats.scale in emb.OFFSET_SCALES and stats.direction.shape == (64,)
+    assert (stats.log_continuation <= 0).all() and stats.log_continuation.shape == (len(qwen_ext.new_ids),)
+    rep = stats.report
+    assert set(rep["turkish_nll_per_token"]) == set(rep["english_relative_change"]) == {str(s) for s in emb.OFFSET_SCALES}
+    allowed = [s for s in emb.OFFSET_SCALES if rep["english_relative_change"][str(s)] <= emb.ENGLISH_TOLERANCE]
+    if allowed:  # the chosen scale: lowest Turkish loss among those that keep English
+        assert stats.scale == min(allowed, key=lambda s: rep["turkish_nll_per_token"][str(s)])
+    stats.save(tmp_path / "s.json")
+    again = emb.OffsetStats.load(tmp_path / "s.json")
+    assert torch.equal(again.direction, stats.direction) and torch.equal(again.log_continuation, stats.log_continuation)
+    assert again.scale == stats.scale and again.report == rep
+
+
+@pytest.fixture(scope="module")
+def smol_ext(tmp_path_factory):
+    from trkit.vocab import extend_tokenizer
+
+    out = tmp_path_factory.mktemp("smol") / "ext2k"
+    extend_tokenizer("smollm2", "default", n_new_tokens=2000, out_dir=out, progress=False)
+    return emb.load_extension(out)
+
+
+@pytest.mark.slow
+def test_smollm2_paths_agree(smol_ext, smollm2_dir, tmp_path):
+    """Real SmolLM2 weights (tied): checkpoint surgery == in-memory resize, fvt inputs + fvt_offset outputs."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    stats = emb.OffsetStats(torch.randn(576) * 0.01, -torch.rand(len(smol_ext.new_ids)) * 6, scale=0.5)
+    out = tmp_path / "smol-ext"
+    emb.extend_checkpoint(smollm2_dir, smol_ext, out, output_init="fvt_offset", offsets=stats, progress=False)
+    model = emb.extend_model(AutoModelForCausalLM.from_pretrained(smollm2_dir), smol_ext, output_init="fvt_offset",
+                             offsets=stats, base_tokenizer=smollm2_dir)
+    on_disk = _tensors(out)
+    assert on_disk["model.embed_tokens.weight"].shape == (smol_ext.rows(49152), 576) == (51200, 576)
+    state = model.state_dict()
+    for k, v in on_disk.items():
+        assert torch.equal(v, state[k]), k
+    assert not torch.equal(on_disk["lm_head.weight"], on_disk["model.embed_tokens.weight"])  # untied
