@@ -344,3 +344,53 @@ def test_smollm2_paths_agree(smol_ext, smollm2_dir, tmp_path):
     for k, v in on_disk.items():
         assert torch.equal(v, state[k]), k
     assert not torch.equal(on_disk["lm_head.weight"], on_disk["model.embed_tokens.weight"])  # untied
+
+
+def test_train_new_rows_changes_only_new_rows(qwen_ext):
+    from transformers import AutoTokenizer
+
+    from trkit import assets
+
+    tok = AutoTokenizer.from_pretrained(qwen_ext.directory)
+    docs = assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:200]
+    blocks = emb.pack_documents(tok, docs, 32)
+    assert blocks.shape[1] == 33 and (blocks >= qwen_ext.base_vocab_size).any()
+    model = emb.extend_model(assets.tiny_qwen3(), qwen_ext, output_init="first")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained, history = emb.train_new_rows(model, qwen_ext, tok, docs, steps=3, batch_size=2, seq_len=32, lr=1e-2,
+                                          progress=False, log_every=1)
+    after = trained.state_dict()
+    assert set(after) == set(before) and len(history) == 3
+    new = torch.tensor(qwen_ext.new_ids)
+    for k, v in after.items():
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            keep = torch.ones(len(v), dtype=torch.bool)
+            keep[new] = False
+            assert torch.equal(v[keep], before[k][keep]), k  # old rows and padding rows frozen
+            assert not torch.equal(v[new], before[k][new]), k  # new rows trained
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+def test_embed_cli(qwen_ext, tiny_qwen3_dir, tmp_path, capsys):
+    from trkit import assets
+    from trkit.cli import main
+
+    cal = tmp_path / "cal.txt"
+    cal.write_text("\n".join(assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:30]), encoding="utf-8")
+    en = tmp_path / "en.txt"
+    en.write_text("The quick brown fox jumps over the lazy dog.\nAssertions are a way to debug.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    rc = main(["embed", "--model", str(tiny_qwen3_dir), "--tokenizer", str(qwen_ext.directory), "--out", str(out),
+               "--calibration", str(cal), "--english", str(en), "--dtype", "float32", "--quiet"])
+    assert rc == 0 and "output fvt_offset" in capsys.readouterr().out
+    stats = emb.OffsetStats.load(out / emb.OFFSET_STATS_NAME)
+    assert stats.scale in emb.OFFSET_SCALES
+    # reuse the statistics: same tensors without a calibration pass
+    rc = main(["embed", "--model", str(tiny_qwen3_dir), "--tokenizer", str(qwen_ext.directory), "--out",
+               str(tmp_path / "out2"), "--offset-stats", str(out / emb.OFFSET_STATS_NAME), "--quiet"])
+    assert rc == 0
+    a, b = _tensors(out), _tensors(tmp_path / "out2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["embed", "--model", str(tiny_qwen3_dir), "--tokenizer", str(tmp_path), "--out",
+                 str(tmp_path / "o3"), "--quiet"]) == 2  # not a vocab dir: clean error

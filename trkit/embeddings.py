@@ -77,7 +77,7 @@ OUTPUT_INITS = ("fvt_offset", "fvt", "mean", "random", "first")
 DEFAULT_INIT = "fvt"
 DEFAULT_OUTPUT_INIT = "fvt_offset"
 RANDOM_STD = 0.02
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 1024
 INPUT_KEY_SUFFIX = "embed_tokens.weight"
 OUTPUT_KEY = "lm_head.weight"
 OFFSET_STATS_NAME = "trkit_offset_stats.json"
@@ -216,7 +216,7 @@ def trained_mean(weight: "torch.Tensor", rows: int) -> "torch.Tensor":
 
     acc = torch.zeros(weight.shape[1], dtype=torch.float64)
     for lo in range(0, rows, CHUNK_ROWS):
-        acc += weight[lo : min(rows, lo + CHUNK_ROWS)].double().sum(0)
+        acc += weight[lo : min(rows, lo + CHUNK_ROWS)].double().sum(0).cpu()
     return (acc / rows).float()
 
 
@@ -300,18 +300,18 @@ def init_new_rows(
             elif method == "random":
                 rows = torch.randn(len(chunk), weight.shape[1], generator=gen) * RANDOM_STD
             elif method == "first":
-                rows = weight[[ext.constituents[i][0] for i in chunk]].float()
+                rows = weight[[ext.constituents[i][0] for i in chunk]].float().cpu()
             else:  # fvt, fvt_offset: segment means of the constituents' rows
                 parts = [ext.constituents[i] for i in chunk]
                 flat = torch.tensor([p for ps in parts for p in ps])
                 seg = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor([len(ps) for ps in parts]))
-                sums = torch.zeros(len(chunk), weight.shape[1]).index_add_(0, seg, weight[flat].float())
+                sums = torch.zeros(len(chunk), weight.shape[1]).index_add_(0, seg, weight[flat.to(weight.device)].float().cpu())
                 rows = sums / torch.tensor([float(len(ps)) for ps in parts])[:, None]
                 if method == "fvt_offset":
                     rows = rows + shift[lo : lo + len(chunk)]
-            weight[chunk[0] : chunk[-1] + 1] = rows.to(dtype)
+            weight[chunk[0] : chunk[-1] + 1] = rows.to(device=weight.device, dtype=dtype)
         if n_rows > ext.vocab_size:
-            weight[ext.vocab_size :] = mean.to(dtype)
+            weight[ext.vocab_size :] = mean.to(device=weight.device, dtype=dtype)
     check_finite(weight, n_rows, "initialised embedding")
 
 
@@ -613,7 +613,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 
 def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, list[int], Any]], metadata: dict | None,
-                                copy_chunk: int = 64 << 20) -> None:
+                                copy_chunk: int = 16 << 20) -> None:
     """Write a safetensors file one tensor at a time (the format: u64 header size, JSON header, raw data).
 
     ``entries``: ``(name, st_dtype, shape, source)`` in file order, ``source`` either
@@ -666,6 +666,31 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, list[i
                     out.write(flat[lo : lo + step].view(torch.uint8).numpy().data)
                 del tensor, flat
             out.flush()
+
+
+def read_rows_into(path: Path, key: str, rows: int) -> "torch.Tensor":
+    """A ``(rows, hidden)`` matrix whose first rows are tensor ``key`` of a safetensors file, read with
+    ``readinto`` straight into the new tensor's memory (peak RAM: the new matrix, nothing else)."""
+    import torch
+
+    header, start = read_safetensors_header(path)
+    info = header[key]
+    old_rows, hidden = info["shape"]
+    a, b = info["data_offsets"]
+    new = torch.empty(rows, hidden, dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
+    target = new[:old_rows].view(-1).view(torch.uint8).numpy()
+    if len(target) != b - a:
+        raise ValueError(f"{path}: tensor {key} holds {b - a} bytes, its shape says {len(target)}")
+    with open(path, "rb") as f:
+        f.seek(start + a)
+        view = memoryview(target)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done : done + (16 << 20)])
+            if not n:
+                raise ValueError(f"{path} is truncated inside tensor {key}: re-download the checkpoint")
+            done += n
+    return new
 
 
 def _st_dtype(t: "torch.Tensor") -> str:
@@ -735,7 +760,6 @@ def extend_checkpoint(
     Returns the manifest.
     """
     import torch
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     src = resolve_checkpoint(src)
@@ -765,12 +789,8 @@ def extend_checkpoint(
 
     def resized(key: str, from_key: str, method: str, seed_: int, desc: str):
         def build():
-            with safe_open(str(src / weight_map[from_key]), framework="pt") as f:
-                sl = f.get_slice(from_key)
-                dtype = getattr(torch, _ST_DTYPES[sl.get_dtype()])
-                new = torch.empty(rows, hidden, dtype=dtype)
-                for lo in range(0, old_rows, CHUNK_ROWS):
-                    new[lo : min(old_rows, lo + CHUNK_ROWS)] = sl[lo : min(old_rows, lo + CHUNK_ROWS)]
+            # plain reads into the new matrix (no mmap: mapped pages would count as resident memory)
+            new = read_rows_into(src / weight_map[from_key], from_key, rows)
             init_new_rows(new, ext, method, seed=seed_, offsets=offsets if key == OUTPUT_KEY else None,
                           progress=progress, desc=desc)
             return new
@@ -907,6 +927,89 @@ def new_rows_param_groups(model, lr: float, embedding_lr: float | None = None, e
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
     return groups
+
+
+
+def pack_documents(tokenizer, documents: Iterable[str], seq_len: int) -> "torch.Tensor":
+    """Token blocks of ``seq_len + 1`` ids: documents joined with the document separator (as in
+    pretraining) and cut into consecutive blocks. Returns ``(n_blocks, seq_len + 1)``."""
+    import torch
+
+    from trkit.evaluation import document_prefix_id
+
+    sep = document_prefix_id(tokenizer)
+    stream: list[int] = []
+    for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+        stream.append(sep)
+        stream.extend(ids)
+    n = len(stream) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"not enough text for one block of {seq_len + 1} tokens")
+    return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
+
+
+def train_new_rows(
+    model,
+    ext: Extension | str | os.PathLike | Sequence[int],
+    tokenizer,
+    documents: Iterable[str],
+    *,
+    steps: int = 200,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 2e-3,
+    warmup: int = 10,
+    max_minutes: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 10,
+):
+    """Train only the new rows (input and output) with PEFT trainable tokens; everything else frozen.
+
+    A plain loop: AdamW (no weight decay: it would pull the rows to 0, not to their init), linear
+    warm-up then cosine decay, random blocks of the packed documents. The trainable rows are kept
+    in float32 (master copies; the frozen model may be bf16). Stops after ``steps`` or
+    ``max_minutes``. Returns ``(model with the rows merged in, history)``.
+    """
+    import time
+
+    import torch
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    blocks = pack_documents(tokenizer, documents, seq_len)
+    peft_model = get_peft_model(model, new_rows_peft_config(model, ext))
+    rows = [p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n]
+    for p in rows:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    peft_model.train()
+    bar = tqdm(range(steps), desc="train new rows", disable=not progress)
+    for step in bar:
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)].to(device)
+        logits = peft_model(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        minutes = (time.perf_counter() - t0) / 60
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0], "minutes": minutes})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if max_minutes is not None and minutes >= max_minutes:
+            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0], "minutes": minutes,
+                            "stopped": "max_minutes"})
+            break
+    bar.close()
+    peft_model.eval()
+    return peft_model.merge_and_unload(), history
 
 
 # --------------------------------------------------------------------------------------------
