@@ -123,6 +123,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--holdout", nargs="*", default=[], choices=["web", "wiki", "ataturk", "kenet"],
+                    help="sources left out of vocabulary learning, calibration and training; Turkish BPC is then "
+                         "measured on their validation split only (an unseen register)")
     args = ap.parse_args(argv)
 
     import torch
@@ -139,19 +142,25 @@ def main(argv=None) -> dict:
     src = assets.smollm2_dir()
     t0 = time.perf_counter()
     ext_dir = Path(args.ext) if args.ext else work / "ext"
+    learn_on = sorted(set(assets.corpus_files()) - set(args.holdout))
     if not args.ext:
-        extend_tokenizer("smollm2", "default", n_new_tokens=args.new_tokens, out_dir=ext_dir, progress=False)
+        corpus = "default" if not args.holdout else {k: assets.corpus_files()[k] for k in learn_on}
+        extend_tokenizer("smollm2", corpus, n_new_tokens=args.new_tokens, out_dir=ext_dir, progress=False)
     ext = emb.load_extension(ext_dir)
     tok_base = AutoTokenizer.from_pretrained(src)
     tok_ext = AutoTokenizer.from_pretrained(ext_dir)
-    turkish = read_documents(assets.validation_file())
+    turkish = ([d for k in args.holdout for d in read_documents(assets.validation_files()[k])] if args.holdout
+               else read_documents(assets.validation_file()))
     english = read_documents(assets.english_file())[: args.english_docs]
-    cal_tr, cal_en, train_docs = emb.default_calibration_text()
+    cal_tr, cal_en, train_docs = emb.default_calibration_text(sources=learn_on)
     result: dict = {
         "model": "SmolLM2-135M-Instruct (dequantised Q4_1, trkit.assets.smollm2_dir)",
         "extension": {"base_vocab_size": ext.base_vocab_size, "new_tokens": len(ext.new_ids), "rows": ext.rows(49152)},
         "dtype": args.dtype,
-        "texts": {"turkish": "trkit.assets.validation_file() (pooled validation split, one doc per line)",
+        "holdout_sources": args.holdout,
+        "texts": {"turkish": (f"validation split of the held-out sources {args.holdout} (the vocabulary, calibration "
+                              "and training never saw these sources)") if args.holdout else
+                             "trkit.assets.validation_file() (pooled validation split, one doc per line)",
                   "english": f"first {args.english_docs} docs of trkit.assets.english_file()",
                   "calibration": "source-balanced 40 KB of the Turkish training split + last 12 KB of the English file",
                   "turkish_chars": sum(map(len, turkish)), "english_chars": sum(map(len, english))},
@@ -193,18 +202,20 @@ def main(argv=None) -> dict:
           file=sys.stderr, flush=True)
 
     # train only the new rows on the Turkish training split
-    t_train = time.perf_counter()
-    trained, history = emb.train_new_rows(model, ext, tok_ext, train_docs, steps=args.train_steps,
-                                          batch_size=args.train_batch, seq_len=args.train_seq, lr=args.lr,
-                                          max_minutes=args.train_minutes, progress=False)
-    result["training"] = {"steps": history[-1]["step"], "batch": args.train_batch, "seq_len": args.train_seq,
-                          "lr": args.lr, "tokens": history[-1]["step"] * args.train_batch * args.train_seq,
-                          "minutes": (time.perf_counter() - t_train) / 60, "history": history,
-                          "trainable": "new rows only (input + output), PEFT trainable tokens, AdamW, cosine"}
-    print(f"[{time.perf_counter() - t0:6.0f}s] trained: {json.dumps(result['training'])}", file=sys.stderr, flush=True)
-    save_partial()
-    rows["fvt+fvt_offset, trained"] = bpc_pair(trained, tok_ext, turkish, english, args.batch_size)
-    del trained, model
+    if args.train_steps > 0:
+        t_train = time.perf_counter()
+        trained, history = emb.train_new_rows(model, ext, tok_ext, train_docs, steps=args.train_steps,
+                                              batch_size=args.train_batch, seq_len=args.train_seq, lr=args.lr,
+                                              max_minutes=args.train_minutes, progress=False)
+        result["training"] = {"steps": history[-1]["step"], "batch": args.train_batch, "seq_len": args.train_seq,
+                              "lr": args.lr, "tokens": history[-1]["step"] * args.train_batch * args.train_seq,
+                              "minutes": (time.perf_counter() - t_train) / 60, "history": history,
+                              "trainable": "new rows only (input + output), PEFT trainable tokens, AdamW, cosine"}
+        print(f"[{time.perf_counter() - t0:6.0f}s] trained: {json.dumps(result['training'])}", file=sys.stderr, flush=True)
+        save_partial()
+        rows["fvt+fvt_offset, trained"] = bpc_pair(trained, tok_ext, turkish, english, args.batch_size)
+        del trained
+    del model
 
     b_tr = base["turkish"]["bits_per_char"]
     b_en = base["english"]["bits_per_char"]

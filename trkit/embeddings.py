@@ -566,17 +566,19 @@ def estimate_offset_stats(
     return OffsetStats(direction=d, log_continuation=b, scale=float(scales[best]), report=report)
 
 
-def default_calibration_text(turkish_chars: int = 40_000, english_chars: int = 12_000, seed: int = 0):
+def default_calibration_text(turkish_chars: int = 40_000, english_chars: int = 12_000, seed: int = 0,
+                             sources: Sequence[str] | None = None):
     """Calibration text from the offline assets: a source-balanced sample of the Turkish *training*
-    split (never the validation split) and the last documents of the English file (the evaluation
-    uses its first ones). Returns ``(turkish_docs, english_docs, all_turkish_training_docs)``."""
+    split (never the validation split; ``sources``: a subset of its sources) and the last documents of
+    the English file (the evaluation uses its first ones).
+    Returns ``(turkish_docs, english_docs, all_turkish_training_docs)``."""
     import random
 
     from trkit import assets
 
     rng = random.Random(seed)
     sample, every = [], []
-    files = assets.corpus_files()
+    files = {k: v for k, v in assets.corpus_files().items() if sources is None or k in sources}
     for name in sorted(files):
         lines = [line for line in files[name].read_text(encoding="utf-8").splitlines() if line.strip()]
         every.extend(lines)
