@@ -5,6 +5,8 @@ trusted if its ``trkit_manifest.json`` exists and the files it lists still hash 
 recorded, so a half-written or truncated file (a Colab disconnect mid-save) is detected
 instead of silently used. Files are written to a temporary name in the same directory and
 renamed into place (``os.replace`` is atomic on POSIX and on Google Drive's FUSE mount).
+Temporary names carry the writer's ``<host>-<pid>``, so the next write of the same path removes what
+a killed writer left behind (an 8B checkpoint's ``.partial`` directory is a checkpoint's size on Drive).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 MANIFEST_NAME = "trkit_manifest.json"
 
@@ -41,15 +45,83 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _tag() -> str:
+    """``<host>-<pid>``: who owns a temporary name, so a later run can tell a dead writer's leftovers."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or restricted: the module's import time is close enough
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+_TAG_RE = re.compile(r"^(?P<host>[^.]+)-(?P<pid>\d+)$")
+
+
+def _is_stale(tag: str, path: Path) -> bool:
+    """A leftover of a writer that is gone: same host and its pid is dead, or another host's and older
+    than this process (a Colab runtime that was recycled while writing to Drive)."""
+    m = _TAG_RE.match(tag)
+    if not m:
+        return False
+    host, pid = m.group("host"), int(m.group("pid"))
+    if host == socket.gethostname().replace(".", "_"):
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return path.stat().st_mtime < _process_start()
+    except FileNotFoundError:
+        return False
+
+
+def sweep_stale(parent: str | os.PathLike, name: str) -> list[Path]:
+    """Remove what killed writers of ``parent/name`` left behind (``.name.<host>-<pid>.*.partial`` dirs,
+    ``.tmp`` files and ``.old`` dirs); returns what was removed. Called at the start of every write."""
+    parent = Path(parent)
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    prefix = f".{name}."
+    for entry in entries:
+        rest = entry.name[len(prefix):] if entry.name.startswith(prefix) else None
+        if rest is None or not rest.endswith((".partial", ".tmp", ".old")):
+            continue
+        tag = rest.split(".", 1)[0]
+        if _is_stale(tag, entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. A temporary file
+    left by a killed process is removed by the next write of the same path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets ordinary permissions
@@ -79,24 +151,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    require_manifest: bool = True,
+) -> Iterator[Path]:
     """Build a whole output directory under a temporary name, then rename it into place.
 
-    Refuses an existing ``out_dir`` unless ``overwrite`` (then the old one is replaced only
-    after the new one is complete). The caller writes into the yielded path.
+    The checks of :func:`trkit.options.check_output` run first (and a stage should already have run
+    them before its expensive work): ``out_dir`` must not be, contain or lie inside any of ``inputs``;
+    an existing ``out_dir`` needs ``overwrite`` and, with ``require_manifest``, must be a trkit output
+    (it is replaced only after the new one is complete). Leftovers of killed earlier writes of the same
+    directory are swept first. The caller writes into the yielded path.
     """
+    from trkit.options import check_output
+
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists; choose another --out or pass overwrite=True (--overwrite) to replace it"
-        )
+    check_output(out_dir, inputs=inputs, overwrite=overwrite, require_manifest=require_manifest)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    sweep_stale(out_dir.parent, out_dir.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_tag()}.", suffix=".partial", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{int(time.time())}")
+            check_output(out_dir, inputs=inputs, overwrite=overwrite, require_manifest=require_manifest)
+            old = out_dir.with_name(f".{out_dir.name}.{_tag()}.{int(time.time())}.old")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -145,7 +227,13 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
             f"{directory} has no {MANIFEST_NAME}: it was not written by trkit, or its write did not finish. "
             "Re-run the stage that produces it."
         )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the directory's write did not finish or the file was "
+                         "changed; re-run the stage that produced it") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a trkit manifest (a JSON object); re-run the stage that produced it")
     if verify:
         for rel, expected in manifest.get("files", {}).items():
             f = directory / rel

@@ -167,7 +167,7 @@ def _asset(name: str, build: Callable[[Path], dict], refresh: bool = False) -> P
             return path
         except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
             log.warning("offline asset %s failed verification (%s): rebuilding it", name, exc)
-    with atomic_directory(path, overwrite=True) as tmp:
+    with atomic_directory(path, overwrite=True, require_manifest=False) as tmp:
         fields = build(tmp)
         write_manifest(tmp, stage=f"asset:{name}", **fields)
     _verified.add(str(path))
