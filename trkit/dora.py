@@ -22,8 +22,14 @@ in every forward. We expand the square instead; nothing larger than out×r or r�
 rows of A and subtracting its bias, so a bitsandbytes 4-bit layer uses its own kernel; there the r
 rows are stacked under the tokens, [x; A], so W0 is dequantised once per forward, not twice. (An
 8-bit layer's LLM.int8 GEMM would quantise A itself, so W0·Aᵀ is read from its int8 weight in row
-chunks instead.) G, the row sums and n² are accumulated in fp32. In eval mode n is cached until A
-or B change (PEFT's cache is off by default).
+chunks instead.) G, the row sums and n² are accumulated in fp32. In eval mode n is cached (PEFT's
+cache is off by default) and reused only while A and B hold exactly the values n was computed from:
+the cache keeps a copy of both and compares them (``torch.equal``) before each reuse, because
+writes through ``.data`` (or by a kernel handed the raw pointer) change a tensor without bumping
+its version counter. The copy costs r·(in+out) floats per layer in eval mode (freed by ``train()``),
+the comparison reads 2·r·(in+out) values instead of the out·in of W0 (and one host sync on a GPU).
+A norm computed under ``torch.inference_mode`` is cached as a normal tensor, so a later forward
+with autograd can save it for backward.
 
 Dropout follows PEFT: in training with p > 0 the adapter branch sees x' = dropout(x) and the output
 is base(x) + (m/n − 1)·W0·x' + (m/n)·s·B·A·x' (one more base GEMM on x'); otherwise x' = x and the
@@ -170,7 +176,7 @@ class DoRALinear(nn.Module):
         self.lora_magnitude_vector = nn.Parameter(self.weight_row_norm_sq.sqrt())  # = ‖W0 + s·B·A‖ with B = 0
         self.merged = False
         self._merge_state: dict = {}
-        self._norm_cache: tuple | None = None
+        self._norm_cache: dict | None = None
 
     # PEFT's tuner layers expose the base layer's weight/bias; some model code reads them.
     @property
@@ -252,9 +258,26 @@ class DoRALinear(nn.Module):
             w0_at = w0_at - bias.float()
         return base_out, base_dropped, w0_at
 
-    def _cache_key(self, dtype: torch.dtype) -> tuple:
+    def _cached_norm(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The eval-mode n if A and B still hold the values it was computed from, else None."""
+        cache = self._norm_cache
+        if cache is None or cache["dtype"] != dtype:
+            return None
         A, B = self.lora_A.weight, self.lora_B.weight
-        return (dtype, A.device, A._version, B._version, A.data_ptr(), B.data_ptr())
+        if cache["A"].device != A.device or not (torch.equal(cache["A"], A) and torch.equal(cache["B"], B)):
+            return None
+        return cache["n"]
+
+    def _store_norm(self, dtype: torch.dtype, n: torch.Tensor) -> None:
+        # inference_mode(False): normal tensors even when this forward runs under inference_mode,
+        # so that a later forward with autograd can save the cached n for backward
+        with torch.no_grad(), torch.inference_mode(False):
+            self._norm_cache = {
+                "dtype": dtype,
+                "A": self.lora_A.weight.detach().clone(),
+                "B": self.lora_B.weight.detach().clone(),
+                "n": n.detach().clone(),
+            }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -266,16 +289,15 @@ class DoRALinear(nn.Module):
         if dropout_active:
             x_lora = self.lora_dropout(x_lora)
 
-        cached = self._norm_cache if not self.training else None
-        if cached is not None and cached[0] == self._cache_key(x.dtype):
-            n = cached[1]  # eval mode, adapter unchanged since n was computed (generation)
+        n = None if self.training else self._cached_norm(x.dtype)
+        if n is not None:  # eval mode, adapter unchanged since n was computed (generation)
             base_out = self.base_layer(x)
             base_dropped = None
         else:
             base_out, base_dropped, w0_at = self._base_outputs(x, x_lora if dropout_active else None)
             n = self._norm_from_w0_at(w0_at)  # detached: no gradient flows through the norm (§4.3)
             if not self.training:
-                self._norm_cache = (self._cache_key(x.dtype), n)
+                self._store_norm(x.dtype, n)
 
         scale = self.lora_magnitude_vector / n  # m/n
         # t = W0·x' + s·B·A·x', built in place in the adapter branch's own (fp32) output tensor;
@@ -317,8 +339,14 @@ class DoRALinear(nn.Module):
             for r0, r1, w in _iter_dense_row_chunks(self.base_layer):
                 merged[r0:r1] = factor[r0:r1] * (w.float() + self.scaling * (B[r0:r1] @ A))
             self._merge_state = {"norm": n, "weight": self.base_layer.weight}
+            if kind == "8bit":
+                # after its first forward a Linear8bitLt reads its int8 weight and row scales from
+                # layer.state (CB, SCB), not from the weight: keep the original's to restore them
+                state = self.base_layer.state
+                self._merge_state["int8_state"] = (state.CB, state.SCB)
             self.base_layer.weight = _quantize_like(self.base_layer.weight, merged)
             _disable_bnb_cpu_repacking(self.base_layer)
+        self._norm_cache = None
         self.merged = True
 
     @torch.no_grad()
@@ -328,6 +356,12 @@ class DoRALinear(nn.Module):
             return
         if "weight" in self._merge_state:
             self.base_layer.weight = self._merge_state["weight"]
+            if "int8_state" in self._merge_state:
+                # a forward while merged moved the merged weight's CB/SCB into layer.state; left
+                # there, the next forward would use them and copy the merged int8 data into the
+                # original weight (PEFT resets this state on unmerge too)
+                state = self.base_layer.state
+                state.CB, state.SCB = self._merge_state["int8_state"]
         else:
             factor = (self.lora_magnitude_vector.detach().float() / self._merge_state["norm"]).unsqueeze(1)
             A, B = self.lora_A.weight.detach().float(), self.lora_B.weight.detach().float()
@@ -336,6 +370,7 @@ class DoRALinear(nn.Module):
                 restored = w.float() / factor[r0:r1] - self.scaling * (B[r0:r1] @ A)
                 weight.data[r0:r1] = restored.to(weight.dtype)
         self._merge_state = {}
+        self._norm_cache = None
         self.merged = False
 
 
