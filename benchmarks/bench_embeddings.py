@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
 
     from trkit import assets
     from trkit import embeddings as emb
+    from trkit import train as train_module
     from trkit.evaluation import read_documents
     from trkit.vocab import extend_tokenizer
 
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
     # train only the new rows on the Turkish training split
     if args.train_steps > 0:
         t_train = time.perf_counter()
-        trained, history = emb.train_new_rows(model, ext, tok_ext, train_docs, steps=args.train_steps,
+        trained, history = train_module.train_new_rows(model, ext, tok_ext, train_docs, steps=args.train_steps,
                                               batch_size=args.train_batch, seq_len=args.train_seq, lr=args.lr,
                                               max_minutes=args.train_minutes, progress=False)
         result["training"] = {"steps": history[-1]["step"], "batch": args.train_batch, "seq_len": args.train_seq,

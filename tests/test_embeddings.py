@@ -8,36 +8,8 @@ import shutil
 import pytest
 import torch
 
+from trkit import checkpoints
 from trkit import embeddings as emb
-
-
-@pytest.fixture(scope="module")
-def qwen_ext(tmp_path_factory):
-    """A 64-token extension of the real Qwen3 tokenizer, learned on a few hundred Turkish lines."""
-    from trkit import assets
-    from trkit.vocab import extend_tokenizer
-
-    docs = assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:300]
-    out = tmp_path_factory.mktemp("ext") / "qwen3-tr64"
-    extend_tokenizer("qwen3", docs, n_new_tokens=64, out_dir=out, progress=False)
-    return emb.load_extension(out)
-
-
-@pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory, tiny_qwen3_dir):
-    """A tiny Qwen3 with tied embeddings (like Qwen3-0.6B..4B and SmolLM2), saved with the Qwen3 tokenizer."""
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-    from trkit.assets import tiny_qwen3_config
-
-    cfg = tiny_qwen3_config()
-    cfg.tie_word_embeddings = True
-    torch.manual_seed(1)
-    model = Qwen3ForCausalLM(cfg)
-    out = tmp_path_factory.mktemp("tied") / "tiny-tied"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_qwen3_dir).save_pretrained(out)
-    return out
 
 
 def _tensors(directory):
@@ -187,6 +159,75 @@ def test_sharded_checkpoint(qwen_ext, tiny_qwen3_dir, tmp_path):
         assert torch.equal(v, on_disk[k]), k
 
 
+def _sharded(tmp_path, tiny_qwen3_dir, name="sharded"):
+    from trkit import assets
+
+    src = tmp_path / name
+    assets.tiny_qwen3().save_pretrained(src, max_shard_size="20MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_qwen3_dir / f, src / f)
+    return src
+
+
+def test_index_total_parameters_is_updated(qwen_ext, tiny_qwen3_dir, tmp_path):
+    """Issue 9 item 9: the rewritten index kept a stale metadata.total_parameters."""
+    src = _sharded(tmp_path, tiny_qwen3_dir)
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["metadata"]["total_parameters"] = 12345  # what a checkpoint of another vocabulary size would say
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "out"
+    emb.extend_checkpoint(src, qwen_ext, out, init="fvt", output_init="first", progress=False)
+    on_disk = _tensors(out)
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["total_parameters"] == sum(v.numel() for v in on_disk.values())
+
+
+def test_truncated_untouched_shard_is_refused(qwen_ext, tiny_qwen3_dir, tmp_path):
+    """Issue 10 item 1: a truncated shard that is only linked must be refused, naming it, before any output."""
+    src = _sharded(tmp_path, tiny_qwen3_dir)
+    wmap = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    touched = {wmap["model.embed_tokens.weight"], wmap["lm_head.weight"]}
+    victim = next(src / f for f in sorted(set(wmap.values())) if f not in touched)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 1000])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"{victim.name}.*re-download"):
+        emb.extend_checkpoint(src, qwen_ext, out, init="fvt", output_init="first", progress=False)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sharded"]
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_tied_checkpoint_that_stores_lm_head(qwen_ext, tied_dir, tmp_path, same):
+    """Issue 9 item 8: a tied config whose checkpoint also stores lm_head.weight is decided per file."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied-with-head"
+    shutil.copytree(tied_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    head = tensors["model.embed_tokens.weight"].clone()
+    if not same:
+        head[:10] += 1.0  # a fine-tune that trained the head on its own
+    tensors["lm_head.weight"] = head
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    manifest = emb.extend_checkpoint(src, qwen_ext, out, init="fvt", output_init="fvt", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    got = _tensors(out)
+    if same:
+        assert manifest["tied"] and config["tie_word_embeddings"] is True
+        assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    else:
+        assert not manifest["tied"] and config["tie_word_embeddings"] is False
+        assert "differs" in manifest["tie_decision"]
+        # the stored head keeps its own trained rows and gets its own new rows
+        assert torch.equal(got["lm_head.weight"][:10], head[:10])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.get_output_embeddings().weight, got["lm_head.weight"])
+
+
 def test_bad_input(qwen_ext, tiny_qwen3_dir, tmp_path, qwen3_tokenizer_dir):
     # a checkpoint whose tokenizer is not the extension's base
     from trkit import assets
@@ -237,37 +278,15 @@ def test_streaming_writer_roundtrip(tmp_path):
     a = torch.randn(5, 3).to(torch.bfloat16)
     b = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     save_file({"a": a, "b": b}, tmp_path / "src.safetensors")
-    hdr, start = emb.read_safetensors_header(tmp_path / "src.safetensors")
+    hdr, start = checkpoints.read_safetensors_header(tmp_path / "src.safetensors")
     lo, hi = hdr["a"]["data_offsets"]
     c = torch.randn(2, 2, dtype=torch.float16)
-    emb.write_safetensors_streaming(tmp_path / "out.safetensors", [
+    checkpoints.write_safetensors_streaming(tmp_path / "out.safetensors", [
         ("c", "F16", [2, 2], lambda: c),
         ("a", "BF16", [5, 3], (tmp_path / "src.safetensors", start + lo, start + hi)),
     ], {"format": "pt"}, copy_chunk=7)
     got = load_file(tmp_path / "out.safetensors")
     assert torch.equal(got["a"], a) and torch.equal(got["c"], c) and set(got) == {"a", "c"}
-
-
-def test_peft_helpers(qwen_ext, tied_dir):
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from trkit import assets
-
-    untied = emb.extend_model(assets.tiny_qwen3(), qwen_ext, init="fvt", output_init="first")
-    idx = emb.trainable_token_indices(untied, qwen_ext)
-    assert idx == {"embed_tokens": qwen_ext.new_ids, "lm_head": qwen_ext.new_ids}
-    tied = emb.extend_model(AutoModelForCausalLM.from_pretrained(tied_dir), qwen_ext, init="fvt", output_init="fvt")
-    assert emb.trainable_token_indices(tied, qwen_ext) == {"embed_tokens": qwen_ext.new_ids}
-    peft_model = get_peft_model(untied, emb.new_rows_peft_config(untied, qwen_ext))
-    groups = emb.new_rows_param_groups(peft_model, lr=1e-3, embedding_lr_ratio=0.25)
-    assert groups[0]["lr"] == pytest.approx(2.5e-4) and len(groups) == 1
-    n = sum(p.numel() for g in groups for p in g["params"])
-    assert n == 2 * len(qwen_ext.new_ids) * 64  # input and output rows, nothing else
-    lora = get_peft_model(emb.extend_model(assets.tiny_qwen3(), qwen_ext, output_init="first"),
-                          emb.new_rows_peft_config(untied, qwen_ext, r=4, target_modules=["q_proj"]))
-    groups = emb.new_rows_param_groups(lora, lr=1e-3)
-    assert [g["name"] for g in groups] == ["new_token_rows", "adapters"] and groups[0]["lr"] == pytest.approx(2e-4)
 
 
 def test_log_continuation_counts(qwen_ext, qwen3_tokenizer):
@@ -344,32 +363,6 @@ def test_smollm2_paths_agree(smol_ext, smollm2_dir, tmp_path):
     for k, v in on_disk.items():
         assert torch.equal(v, state[k]), k
     assert not torch.equal(on_disk["lm_head.weight"], on_disk["model.embed_tokens.weight"])  # untied
-
-
-def test_train_new_rows_changes_only_new_rows(qwen_ext):
-    from transformers import AutoTokenizer
-
-    from trkit import assets
-
-    tok = AutoTokenizer.from_pretrained(qwen_ext.directory)
-    docs = assets.corpus_files()["web"].read_text(encoding="utf-8").splitlines()[:200]
-    blocks = emb.pack_documents(tok, docs, 32)
-    assert blocks.shape[1] == 33 and (blocks >= qwen_ext.base_vocab_size).any()
-    model = emb.extend_model(assets.tiny_qwen3(), qwen_ext, output_init="first")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trained, history = emb.train_new_rows(model, qwen_ext, tok, docs, steps=3, batch_size=2, seq_len=32, lr=1e-2,
-                                          progress=False, log_every=1)
-    after = trained.state_dict()
-    assert set(after) == set(before) and len(history) == 3
-    new = torch.tensor(qwen_ext.new_ids)
-    for k, v in after.items():
-        if k in ("model.embed_tokens.weight", "lm_head.weight"):
-            keep = torch.ones(len(v), dtype=torch.bool)
-            keep[new] = False
-            assert torch.equal(v[keep], before[k][keep]), k  # old rows and padding rows frozen
-            assert not torch.equal(v[new], before[k][new]), k  # new rows trained
-        else:
-            assert torch.equal(v, before[k]), k
 
 
 def test_embed_cli(qwen_ext, tiny_qwen3_dir, tmp_path, capsys):

@@ -200,16 +200,19 @@ def hash_directory_files(directory: str | os.PathLike, exclude: tuple[str, ...] 
 
 
 def write_manifest(directory: str | os.PathLike, stage: str, **fields: Any) -> dict:
-    """Write ``trkit_manifest.json`` in ``directory``: stage, time, trkit version, file hashes, fields."""
+    """Write ``trkit_manifest.json`` in ``directory``: stage, time, trkit version, fields, and every file's
+    sha256 and size (sizes allow a cheap completeness check of big checkpoints, hashes the full one)."""
     from trkit import __version__
 
     directory = Path(directory)
+    files = hash_directory_files(directory)
     manifest = {
         "stage": stage,
         "trkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **fields,
-        "files": hash_directory_files(directory),
+        "files": files,
+        "sizes": {rel: (directory / rel).stat().st_size for rel in files},
     }
     atomic_write_json(directory / MANIFEST_NAME, manifest)
     return manifest

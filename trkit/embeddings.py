@@ -48,9 +48,10 @@ Two paths give identical tensors (tested):
   and the extended tokenizer is written beside them. Peak RAM is about the size of the new matrices,
   so Qwen3-8B (16 GB of bf16) can be extended on a free Colab (12.7 GB RAM).
 
-Helpers for training only the new rows: ``new_token_ids``, ``trainable_token_indices``
-(PEFT ``trainable_token_indices`` for input and output rows), ``new_rows_param_groups``
-(an optimizer group with its own, lower learning rate) and ``train_new_rows`` (a plain loop).
+Tied checkpoints are decided per file (``plan_checkpoint``): a stored ``lm_head.weight`` identical to
+``embed_tokens`` is tied, a different one untied (written with ``tie_word_embeddings: false``). Every
+input shard is verified before it is linked or copied. Reading and writing safetensors lives in
+:mod:`trkit.checkpoints`; training the new rows lives in :mod:`trkit.train`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from trkit.artifacts import MANIFEST_NAME, atomic_directory, read_manifest, sha256_file, write_manifest
+from trkit.checkpoints import (INDEX_NAME, link_or_copy, read_rows_into, read_safetensors_header, resolve_checkpoint,
+                               verify_checkpoint, weight_map, write_safetensors_streaming)
+from trkit.options import check_output, nonnegative_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -132,6 +136,9 @@ def load_extension(ext_dir: str | os.PathLike) -> Extension:
     for i, parts in constituents.items():
         if not parts or any(not 0 <= p < base for p in parts):
             raise ValueError(f"{ext_dir}: new token {i} decomposes into {parts}, not into base ids < {base}")
+    if not constituents:
+        raise ValueError(f"{ext_dir} adds no tokens (0 new tokens): there are no rows to initialise; learn a "
+                         "vocabulary with `trkit vocab --new-tokens N` first")
     return Extension(ext_dir, base, vocab_size, manifest["base_fingerprint"], constituents, manifest)
 
 
@@ -599,146 +606,68 @@ def default_calibration_text(turkish_chars: int = 40_000, english_chars: int = 1
     return sample, english, every
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoint path: safetensors shards edited tensor by tensor
-# --------------------------------------------------------------------------------------------
+def _tensors_equal(path_a: Path, key_a: str, path_b: Path, key_b: str, chunk_rows: int = CHUNK_ROWS * 4) -> bool:
+    """Whether two 2-D tensors of safetensors files hold the same bytes (read in row chunks)."""
+    ha, sa = read_safetensors_header(path_a)
+    hb, sb = read_safetensors_header(path_b)
+    ia, ib = ha[key_a], hb[key_b]
+    if ia["shape"] != ib["shape"] or ia["dtype"] != ib["dtype"]:
+        return False
+    row_bytes = (ia["data_offsets"][1] - ia["data_offsets"][0]) // max(1, ia["shape"][0])
+    step = max(1, chunk_rows) * max(1, row_bytes)
+    left = ia["data_offsets"][1] - ia["data_offsets"][0]
+    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+        fa.seek(sa + ia["data_offsets"][0])
+        fb.seek(sb + ib["data_offsets"][0])
+        while left:
+            n = min(step, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
+def plan_checkpoint(src: str | os.PathLike, ext: Extension, *, init: str = DEFAULT_INIT,
+                    output_init: str | None = DEFAULT_OUTPUT_INIT) -> dict:
+    """What :func:`extend_checkpoint` will do with ``src``, decided from its files alone (cheap).
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return header, 8 + n
-
-
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, list[int], Any]], metadata: dict | None,
-                                copy_chunk: int = 16 << 20) -> None:
-    """Write a safetensors file one tensor at a time (the format: u64 header size, JSON header, raw data).
-
-    ``entries``: ``(name, st_dtype, shape, source)`` in file order, ``source`` either
-    ``(src_path, start, end)`` (bytes copied from another safetensors file, never held whole in
-    memory) or a zero-argument callable returning a contiguous CPU tensor, called when its turn comes
-    (so only one new matrix exists at a time).
+    Verifies every shard (:func:`trkit.checkpoints.verify_checkpoint`) and decides whether the
+    embeddings are tied **per file**: no ``lm_head.weight`` -> tied; ``lm_head.weight`` stored
+    and byte-identical to ``embed_tokens`` (fine-tunes of tied Qwen3-0.6B..4B often save both) ->
+    tied; stored and different -> untied, whatever ``tie_word_embeddings`` says (the output is
+    written with ``tie_word_embeddings: false``, so loaders that follow the config keep the rows).
     """
-    import torch
-
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    sizes = []
-    for name, dtype, shape, source in entries:
-        item = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}[dtype]
-        nbytes = item * math.prod(shape)
-        if isinstance(source, tuple) and source[2] - source[1] != nbytes:
-            raise ValueError(f"{name}: source holds {source[2] - source[1]} bytes, shape says {nbytes}")
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        sizes.append(nbytes)
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    from trkit.artifacts import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
-        for (name, dtype, shape, source), nbytes in zip(entries, sizes):
-            if isinstance(source, tuple):
-                src, start, end = source
-                with open(src, "rb") as f:
-                    f.seek(start)
-                    left = end - start
-                    while left:
-                        block = f.read(min(copy_chunk, left))
-                        if not block:
-                            raise ValueError(f"{src} is truncated inside tensor {name}: re-download the checkpoint")
-                        out.write(block)
-                        left -= len(block)
-            else:
-                tensor = source()
-                if list(tensor.shape) != list(shape) or _st_dtype(tensor) != dtype:
-                    raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
-                flat = tensor.contiguous().view(-1)
-                step = max(1, copy_chunk // tensor.element_size())
-                for lo in range(0, flat.numel(), step):
-                    out.write(flat[lo : lo + step].view(torch.uint8).numpy().data)
-                del tensor, flat
-            out.flush()
-
-
-def read_rows_into(path: Path, key: str, rows: int) -> "torch.Tensor":
-    """A ``(rows, hidden)`` matrix whose first rows are tensor ``key`` of a safetensors file, read with
-    ``readinto`` straight into the new tensor's memory (peak RAM: the new matrix, nothing else)."""
-    import torch
-
-    header, start = read_safetensors_header(path)
-    info = header[key]
-    old_rows, hidden = info["shape"]
-    a, b = info["data_offsets"]
-    new = torch.empty(rows, hidden, dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
-    target = new[:old_rows].view(-1).view(torch.uint8).numpy()
-    if len(target) != b - a:
-        raise ValueError(f"{path}: tensor {key} holds {b - a} bytes, its shape says {len(target)}")
-    with open(path, "rb") as f:
-        f.seek(start + a)
-        view = memoryview(target)
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done : done + (16 << 20)])
-            if not n:
-                raise ValueError(f"{path} is truncated inside tensor {key}: re-download the checkpoint")
-            done += n
-    return new
-
-
-def _st_dtype(t: "torch.Tensor") -> str:
-    import torch
-
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[t.dtype]
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint directory: a path, an offline alias ('smollm2', 'qwen3-tiny') or a hub snapshot."""
-    p = Path(name_or_path)
-    if not p.exists():
-        from trkit.assets import resolve_model
-
-        p = Path(resolve_model(str(name_or_path)))
-    if not p.exists():
-        from huggingface_hub import snapshot_download
-
-        p = Path(snapshot_download(str(name_or_path), allow_patterns=[
-            "*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "*.model"]))
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} has no config.json: pass a Hugging Face model directory or hub name")
-    if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
-        raise FileNotFoundError(f"{p} holds no safetensors weights (model.safetensors or its index): convert "
-                                "pickle (.bin) checkpoints to safetensors first; trkit never loads pickles")
-    return p
-
-
-def _weight_map(src: Path) -> tuple[dict[str, str], dict | None]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text(encoding="utf-8"))
-        return dict(data["weight_map"]), data
-    header, _ = read_safetensors_header(src / "model.safetensors")
-    return {k: "model.safetensors" for k in header if k != "__metadata__"}, None
-
-
-def _link_or_copy(src: Path, dst: Path, link: bool) -> str:
-    if link:
-        try:
-            os.link(src.resolve(), dst)
-            return "linked"
-        except OSError:
-            pass
-    shutil.copyfile(src, dst)
-    return "copied"
+    src = Path(src)
+    output_init = output_init or init
+    verify_checkpoint(src)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    text_config = config.get("text_config", config)
+    wmap, index = weight_map(src)
+    in_keys = [k for k in wmap if k.endswith(INPUT_KEY_SUFFIX)]
+    if len(in_keys) != 1:
+        raise ValueError(f"{src}: expected one '*{INPUT_KEY_SUFFIX}' tensor, found {in_keys or 'none'}")
+    in_key = in_keys[0]
+    out_key = OUTPUT_KEY if OUTPUT_KEY in wmap else None
+    config_tied = bool(text_config.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
+    if out_key is None:
+        if not config_tied:
+            raise ValueError(f"{src}: no {OUTPUT_KEY} in the checkpoint but tie_word_embeddings is false")
+        tied, decision = True, f"tied: no {OUTPUT_KEY} stored"
+    elif _tensors_equal(src / wmap[in_key], in_key, src / wmap[out_key], out_key):
+        tied = True
+        decision = f"tied: {OUTPUT_KEY} stored and identical to {in_key}"
+    else:
+        tied = False
+        decision = (f"untied: {OUTPUT_KEY} differs from {in_key}"
+                    + (" although config.json says tie_word_embeddings=true (written as false)" if config_tied else ""))
+    header, _ = read_safetensors_header(src / wmap[in_key])
+    old_rows, hidden = header[in_key]["shape"]
+    if old_rows < ext.base_vocab_size:
+        raise ValueError(f"{src}: {old_rows} embedding rows for a {ext.base_vocab_size}-token tokenizer; "
+                         "the extension does not belong to this checkpoint")
+    return {"config": config, "weight_map": wmap, "index": index, "in_key": in_key, "out_key": out_key,
+            "tied": tied, "tie_decision": decision, "untie": tied and output_init != init,
+            "old_rows": old_rows, "hidden": hidden, "rows": ext.rows(old_rows)}
 
 
 def extend_checkpoint(
@@ -757,54 +686,40 @@ def extend_checkpoint(
 ) -> dict:
     """Extend a safetensors checkpoint directory without loading the model (see module doc).
 
-    Writes ``out`` atomically: the resized shard(s), the untouched shards (hard links when possible),
-    the updated index and config, the extended tokenizer and a manifest with every file's sha256.
-    Returns the manifest.
+    Every input shard is verified first (a truncated shard is an error naming it, never linked into
+    the output). Writes ``out`` atomically: the resized shard(s), the untouched shards (hard links
+    when possible), the updated index and config, the extended tokenizer and a manifest with every
+    file's sha256. Returns the manifest.
     """
-    import torch
     from tqdm.auto import tqdm
 
     src = resolve_checkpoint(src)
     ext = ext if isinstance(ext, Extension) else load_extension(ext)
     output_init = output_init or init
     _check_methods(init, output_init, offsets)
+    check_output(out, inputs=[src, ext.directory, base_tokenizer], overwrite=overwrite)
     check_tokenizer_pair(ext, base_tokenizer or src)
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    text_config = config.get("text_config", config)
-    weight_map, index = _weight_map(src)
-    in_keys = [k for k in weight_map if k.endswith(INPUT_KEY_SUFFIX)]
-    if len(in_keys) != 1:
-        raise ValueError(f"{src}: expected one '*{INPUT_KEY_SUFFIX}' tensor, found {in_keys or 'none'}")
-    in_key = in_keys[0]
-    out_key = OUTPUT_KEY if OUTPUT_KEY in weight_map else None
-    tied = out_key is None
-    if tied and not text_config.get("tie_word_embeddings", config.get("tie_word_embeddings", True)):
-        raise ValueError(f"{src}: no {OUTPUT_KEY} in the checkpoint but tie_word_embeddings is false")
-    untie = tied and output_init != init
-    in_file = src / weight_map[in_key]
-    header, data_start = read_safetensors_header(in_file)
-    old_rows, hidden = header[in_key]["shape"]
-    if old_rows < ext.base_vocab_size:
-        raise ValueError(f"{src}: {old_rows} embedding rows for a {ext.base_vocab_size}-token tokenizer; "
-                         "the extension does not belong to this checkpoint")
-    rows = ext.rows(old_rows)
+    plan = plan_checkpoint(src, ext, init=init, output_init=output_init)
+    config, wmap, index = plan["config"], plan["weight_map"], plan["index"]
+    in_key, out_key, tied, untie = plan["in_key"], plan["out_key"], plan["tied"], plan["untie"]
+    rows, hidden, old_rows = plan["rows"], plan["hidden"], plan["old_rows"]
 
     def resized(key: str, from_key: str, method: str, seed_: int, desc: str):
         def build():
             # plain reads into the new matrix (no mmap: mapped pages would count as resident memory)
-            new = read_rows_into(src / weight_map[from_key], from_key, rows)
+            new = read_rows_into(src / wmap[from_key], from_key, rows)
             init_new_rows(new, ext, method, seed=seed_, offsets=offsets if key == OUTPUT_KEY else None,
                           progress=progress, desc=desc)
             return new
         return build
 
-    changed = {weight_map[in_key]} | ({weight_map[out_key]} if out_key else set())
+    changed = {wmap[in_key]} | ({wmap[out_key]} if out_key else set())
     report: dict[str, str] = {}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        files = sorted(set(weight_map.values()))
+    with atomic_directory(out, overwrite=overwrite, inputs=[src, ext.directory, base_tokenizer]) as tmp:
+        files = sorted(set(wmap.values()))
         for shard in tqdm(files, desc="shards", disable=not progress, unit="file"):
             if shard not in changed:
-                report[shard] = _link_or_copy(src / shard, tmp / shard, link)
+                report[shard] = link_or_copy(src / shard, tmp / shard, link)
                 continue
             hdr, start = read_safetensors_header(src / shard)
             entries = []
@@ -813,38 +728,48 @@ def extend_checkpoint(
                 a, b = info["data_offsets"]
                 if name == in_key:
                     entries.append((name, info["dtype"], [rows, hidden], resized(in_key, in_key, init, seed, "input rows")))
-                    if untie:
+                    if untie and out_key is None:
                         entries.append((OUTPUT_KEY, info["dtype"], [rows, hidden],
                                         resized(OUTPUT_KEY, in_key, output_init, seed + 1, "output rows")))
                 elif name == out_key:
-                    entries.append((name, info["dtype"], [rows, hidden],
-                                    resized(out_key, out_key, output_init, seed + 1, "output rows")))
+                    if tied and not untie:  # a stored copy of the tied matrix stays a copy of it
+                        entries.append((name, info["dtype"], [rows, hidden],
+                                        resized(in_key, in_key, init, seed, "output rows (tied copy)")))
+                    else:
+                        entries.append((name, info["dtype"], [rows, hidden],
+                                        resized(OUTPUT_KEY, out_key, output_init, seed + 1, "output rows")))
                 else:
                     entries.append((name, info["dtype"], info["shape"], (src / shard, start + a, start + b)))
             write_safetensors_streaming(tmp / shard, entries, hdr.get("__metadata__"))
             report[shard] = "rewritten"
         if index is not None:
-            new_map = dict(weight_map)
-            if untie:
-                new_map[OUTPUT_KEY] = weight_map[in_key]
-            total = 0
+            new_map = dict(wmap)
+            if untie and out_key is None:
+                new_map[OUTPUT_KEY] = wmap[in_key]
+            total = n_params = 0
             for shard in files:
                 hdr, _ = read_safetensors_header(tmp / shard)
-                total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in hdr.items() if k != "__metadata__")
+                for k, v in hdr.items():
+                    if k != "__metadata__":
+                        total += v["data_offsets"][1] - v["data_offsets"][0]
+                        n_params += math.prod(v["shape"])
+            meta = {**index.get("metadata", {}), "total_size": total}
+            if "total_parameters" in meta:
+                meta["total_parameters"] = n_params
             new_index = dict(index)
-            new_index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+            new_index["metadata"] = meta
             new_index["weight_map"] = dict(sorted(new_map.items()))
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(new_index, indent=2) + "\n", encoding="utf-8")
+            (tmp / INDEX_NAME).write_text(json.dumps(new_index, indent=2) + "\n", encoding="utf-8")
         new_config = dict(config)
         targets = [new_config] + ([new_config["text_config"]] if "text_config" in new_config else [])
         for c in targets:
             c["vocab_size"] = rows
-            if untie:
+            if untie or not tied:
                 c["tie_word_embeddings"] = False
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for p in sorted(src.iterdir()):  # generation_config.json and other small files
             if (p.is_file() and p.name not in changed and p.name not in report and p.name != "config.json"
-                    and p.name != "model.safetensors.index.json" and p.name not in TOKENIZER_FILES
+                    and p.name != INDEX_NAME and p.name not in TOKENIZER_FILES
                     and p.name != MANIFEST_NAME and not p.name.startswith(".")
                     and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))):
                 shutil.copyfile(p, tmp / p.name)
@@ -860,158 +785,11 @@ def extend_checkpoint(
             base_fingerprint=ext.base_fingerprint, base_vocab_size=ext.base_vocab_size,
             vocab_size=ext.vocab_size, rows=rows, old_rows=old_rows,
             init=init, output_init=output_init, seed=seed, tied=tied and not untie, untied=untie,
+            source_tied=tied, tie_decision=plan["tie_decision"],
             offset_stats=None if offsets is None else {"scale": offsets.scale, **offsets.report},
             shards=report,
         )
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Training only the new rows (helpers for the next stages)
-# --------------------------------------------------------------------------------------------
-
-
-def trainable_token_indices(model, ext: Extension | str | os.PathLike | Sequence[int]) -> dict[str, list[int]]:
-    """PEFT ``trainable_token_indices`` for the new ids, input **and** output rows.
-
-    Untied models get both ``embed_tokens`` and ``lm_head``; a tied model gets ``embed_tokens`` only
-    (PEFT ties the output adapter to it). Use it in ``LoraConfig(trainable_token_indices=...)`` or
-    ``TrainableTokensConfig`` (see ``new_rows_peft_config``).
-    """
-    ids = list(ext) if isinstance(ext, (list, tuple, range)) else new_token_ids(ext)
-    in_name = _module_name(model, model.get_input_embeddings())
-    out = {in_name: ids}
-    head = model.get_output_embeddings()
-    if head is not None and not _is_tied(model):
-        out[_module_name(model, head)] = ids
-    return out
-
-
-def _module_name(model, module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name.rsplit(".", 1)[-1]
-    raise ValueError("module not found in model")
-
-
-def new_rows_peft_config(model, ext, **lora_kwargs):
-    """A PEFT config that trains only the new rows.
-
-    Without ``lora_kwargs``: ``TrainableTokensConfig`` (no LoRA; input and output rows). With them
-    (e.g. ``r=16, target_modules=[...]``): a ``LoraConfig`` whose ``trainable_token_indices`` trains
-    the new rows beside the adapters.
-    """
-    from peft import LoraConfig, TrainableTokensConfig
-
-    indices = trainable_token_indices(model, ext)
-    if lora_kwargs:
-        return LoraConfig(trainable_token_indices=indices, **lora_kwargs)
-    ids = next(iter(indices.values()))
-    return TrainableTokensConfig(target_modules=list(indices), token_indices=ids)
-
-
-def new_rows_param_groups(model, lr: float, embedding_lr: float | None = None, embedding_lr_ratio: float = 0.2,
-                          weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer parameter groups: PEFT's trainable token rows get their own learning rate.
-
-    ``embedding_lr`` defaults to ``embedding_lr_ratio * lr`` (embedding rows usually want 2-10x lower
-    lr than adapters). Rows never get weight decay (it would pull them to zero, not to the init).
-    """
-    rows, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (rows if "trainable_tokens_delta" in name else rest).append(p)
-    if not rows:
-        raise ValueError("no trainable token rows found: wrap the model with new_rows_peft_config(...) first")
-    groups = [{"params": rows, "lr": embedding_lr if embedding_lr is not None else lr * embedding_lr_ratio,
-               "weight_decay": 0.0, "name": "new_token_rows"}]
-    if rest:
-        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "adapters"})
-    return groups
-
-
-
-def pack_documents(tokenizer, documents: Iterable[str], seq_len: int) -> "torch.Tensor":
-    """Token blocks of ``seq_len + 1`` ids: documents joined with the document separator (as in
-    pretraining) and cut into consecutive blocks. Returns ``(n_blocks, seq_len + 1)``."""
-    import torch
-
-    from trkit.evaluation import document_prefix_id
-
-    sep = document_prefix_id(tokenizer)
-    stream: list[int] = []
-    for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        stream.append(sep)
-        stream.extend(ids)
-    n = len(stream) // (seq_len + 1)
-    if n == 0:
-        raise ValueError(f"not enough text for one block of {seq_len + 1} tokens")
-    return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
-
-
-def train_new_rows(
-    model,
-    ext: Extension | str | os.PathLike | Sequence[int],
-    tokenizer,
-    documents: Iterable[str],
-    *,
-    steps: int = 200,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    lr: float = 2e-3,
-    warmup: int = 10,
-    max_minutes: float | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    log_every: int = 10,
-):
-    """Train only the new rows (input and output) with PEFT trainable tokens; everything else frozen.
-
-    A plain loop: AdamW (no weight decay: it would pull the rows to 0, not to their init), linear
-    warm-up then cosine decay, random blocks of the packed documents. The trainable rows are kept
-    in float32 (master copies; the frozen model may be bf16). Stops after ``steps`` or
-    ``max_minutes``. Returns ``(model with the rows merged in, history)``.
-    """
-    import time
-
-    import torch
-    from peft import get_peft_model
-    from tqdm.auto import tqdm
-
-    blocks = pack_documents(tokenizer, documents, seq_len)
-    peft_model = get_peft_model(model, new_rows_peft_config(model, ext))
-    rows = [p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n]
-    for p in rows:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    peft_model.train()
-    bar = tqdm(range(steps), desc="train new rows", disable=not progress)
-    for step in bar:
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)].to(device)
-        logits = peft_model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        minutes = (time.perf_counter() - t0) / 60
-        if step % log_every == 0 or step == steps - 1:
-            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0], "minutes": minutes})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if max_minutes is not None and minutes >= max_minutes:
-            history.append({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0], "minutes": minutes,
-                            "stopped": "max_minutes"})
-            break
-    bar.close()
-    peft_model.eval()
-    return peft_model.merge_and_unload(), history
 
 
 # --------------------------------------------------------------------------------------------
@@ -1034,39 +812,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training corpus); tokens are counted on it too")
     parser.add_argument("--english", nargs="+", metavar="FILE",
                         help="English calibration text (default: the last documents of the offline English file)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random rule")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random rule")
     parser.add_argument("--copy", action="store_true", help="copy untouched shards instead of hard-linking them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    parser.add_argument("--device", default="auto", help="device for the calibration pass")
-    parser.add_argument("--dtype", default="auto", help="dtype for the calibration pass (auto: bfloat16)")
+    parser.add_argument("--profile", default="auto", help="hardware profile of the calibration pass (auto | cpu | t4 | a100 | gpu)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="dtype of the calibration pass (auto: the profile's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     import gc
 
+    # Every path and option is checked before the calibration pass (minutes on an 8B model).
     src = resolve_checkpoint(args.model)
     ext = load_extension(args.tokenizer)
     base_tok_dir = Path(args.base_tokenizer) if args.base_tokenizer else src
+    check_output(args.out, inputs=[src, ext.directory, args.base_tokenizer, args.offset_stats,
+                                   *(args.calibration or []), *(args.english or [])], overwrite=args.overwrite)
     check_tokenizer_pair(ext, base_tok_dir)
+    plan_checkpoint(src, ext, init=args.init, output_init=args.output_init)  # verifies every shard
+    for f in [*(args.calibration or []), *(args.english or []), *([args.offset_stats] if args.offset_stats else [])]:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: no such file")
     offsets = None
     if args.output_init == "fvt_offset":
         if args.offset_stats:
             offsets = OffsetStats.load(args.offset_stats)
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from trkit.evaluation import read_documents, resolve_device_dtype
+            from trkit.evaluation import read_documents
+            from trkit.loading import load_model, load_tokenizer
 
             turkish, english, count_docs = default_calibration_text()
             if args.calibration:
                 turkish = count_docs = [d for f in args.calibration for d in read_documents(f)]
             if args.english:
                 english = [d for f in args.english for d in read_documents(f)]
-            device, dtype = resolve_device_dtype(args.device, args.dtype)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device)
+            model, base_tok = load_model(src, args.profile, tokenizer=base_tok_dir,
+                                         dtype=None if args.dtype == "auto" else args.dtype)
             offsets = estimate_offset_stats(
-                model, ext, AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext.directory),
+                model, ext, base_tok, load_tokenizer(ext.directory),
                 turkish, english, count_documents=count_docs, init=args.init, progress=not args.quiet)
             del model
             gc.collect()
@@ -1077,5 +862,5 @@ def run_cli(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.out}: {manifest['old_rows']} -> {manifest['rows']} rows "
           f"(vocabulary {manifest['base_vocab_size']} -> {manifest['vocab_size']}), input {manifest['init']}, "
-          f"output {manifest['output_init']}{' (untied)' if manifest['untied'] else ''}")
+          f"output {manifest['output_init']}{' (untied)' if manifest['untied'] else ''}; {manifest['tie_decision']}")
     return 0
