@@ -79,6 +79,89 @@ def test_score_matches_unbatched_reference(tiny_lm, max_length, stride):
     assert s.bits_per_char == pytest.approx(ref / (s.chars * math.log(2)), rel=1e-4)
 
 
+def test_logits_are_built_a_chunk_at_a_time(tiny_lm):
+    """Line documents are first windows that score every token: the head must still see few rows.
+
+    A 151,936-row head (Qwen3's) over 8 documents of ~50 tokens in one batch: the old code built
+    batch x max(n_scored) = 8 x ~50 rows of logits at once; chunks hold LOGIT_CHUNK_ELEMENTS values.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = tiny_lm
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=151_936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    docs = [f"{i}. {DOCS[0]} {DOCS[1]} {DOCS[3]}" for i in range(8)]
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(out.numel() // out.shape[-1]))
+    try:
+        score = ev.score_documents(model, tok, docs, max_length=128, stride=64, batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    per_chunk = ev.LOGIT_CHUNK_ELEMENTS // cfg.vocab_size
+    assert per_chunk == 220
+    assert score.tokens > 300  # one batch scores more positions than a chunk holds
+    assert max(rows) <= per_chunk, rows
+    assert sum(rows) - 8 == score.tokens  # each scored position once, plus one row per window in the forward
+    assert score.nll_nats == pytest.approx(reference_nll(model, tok, docs, 128, 64), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length,stride", [(12, 5), (256, 128)])
+def test_chunk_boundaries_do_not_change_the_score(tiny_lm, monkeypatch, max_length, stride):
+    model, tok = tiny_lm
+    monkeypatch.setattr(ev, "LOGIT_CHUNK_ELEMENTS", 5 * len(tok))  # 5 positions per chunk
+    ref = reference_nll(model, tok, DOCS, max_length, stride)
+    s = ev.score_documents(model, tok, DOCS, max_length=max_length, stride=stride, batch_size=3, progress=False)
+    assert s.nll_nats == pytest.approx(ref, rel=1e-5)
+
+
+def test_peft_head_and_4bit_body_score_as_their_own_forward(tiny_lm, tmp_path):
+    """The head module is called directly: PEFT's wrappers on it (trainable token rows) must still apply."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_lm
+    ids = sorted({t for d in DOCS for t in tok(d, add_special_tokens=False)["input_ids"]})[:40]
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": ids})
+    peft_model = get_peft_model(copy.deepcopy(model), config).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    s = ev.score_documents(peft_model, tok, DOCS, max_length=12, stride=5, batch_size=3, progress=False)
+    assert s.nll_nats == pytest.approx(reference_nll(peft_model, tok, DOCS, 12, 5), rel=1e-5)
+    with peft_model.disable_adapter():
+        plain = ev.score_documents(peft_model, tok, DOCS, max_length=12, stride=5, batch_size=3, progress=False)
+    assert abs(plain.nll_nats - s.nll_nats) > 1e-2 * s.nll_nats  # the adapter (and its head rows) matter
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.save_pretrained(tmp_path / "m")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    q4 = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    import bitsandbytes as bnb
+
+    for m in q4.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # the CPU repacking trap (shared/OFFLINE.md)
+    s4 = ev.score_documents(q4, tok, DOCS, max_length=12, stride=5, batch_size=3, progress=False)
+    assert s4.nll_nats == pytest.approx(reference_nll(q4, tok, DOCS, 12, 5), rel=1e-5)
+
+
+def test_logits_changed_after_the_head_are_refused(tiny_lm):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _, tok = tiny_lm
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.05)
+    with pytest.raises(ValueError, match="changes its logits after the output embedding"):
+        ev.score_documents(Gemma2ForCausalLM(cfg).eval(), tok, DOCS[:2], progress=False)
+
+
 def test_uniform_model_gives_log2_vocab_bits_per_token(tiny_lm):
     model, tok = tiny_lm
     import copy

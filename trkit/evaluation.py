@@ -16,10 +16,17 @@ fixed-length models" recipe): windows of ``max_length`` tokens advance by ``stri
 only the targets not scored by an earlier window are counted, so every token is scored exactly
 once with at least ``max_length - stride`` tokens of context.
 
-Windows from all documents are sorted by length and batched with left padding; only the scored
-tail of each window's logits is materialised (``logits_to_keep``), and the log-softmax is taken in
-float32 in row chunks, so memory stays at ``batch * stride * vocab`` instead of ``batch *
-max_length * vocab``.
+Windows from all documents are sorted by length and batched with left padding. Logits are built
+only for the scored positions and only a fixed number of them at a time (``LOGIT_CHUNK_ELEMENTS``
+float32 values, 128 MiB: 220 positions of Qwen3's 151,936-row head), whatever the batch size,
+``max_length`` or stride. (Keeping only each window's scored tail is not enough: a document's first
+window scores all of its up to ``max_length`` tokens, and a batch of line documents is almost all
+first windows.) A forward pre-hook on the model's output embedding takes the final hidden states
+and hands the head one position per row; the head module itself is then called on chunks of the
+scored positions, so PEFT wrappers on the head (LoRA, ``trainable_token_indices``), tied heads and
+4-bit bodies score as in the model's own forward, and the log-softmax is taken in float32. A model
+that changes its logits after the head (e.g. Gemma 2's soft-capping) is detected on each window's
+last position, which the model's own forward still scores, and refused.
 
 Later stages add their measurements here (forgetting on English, benchmarks); every one of them
 reports characters, bytes and tokens beside the score.
@@ -149,8 +156,15 @@ def sliding_windows(n_targets: int, max_length: int, stride: int) -> list[tuple[
         prev_end, end = end, min(end + stride, n_targets)
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # logits materialised at a time: 128 MiB of float32
+
+
 def _nll_of_batch(model, windows: list[list[int]], n_scored: list[int], device) -> list[float]:
-    """Summed negative log-likelihood (nats) of the scored tail of each window (left-padded batch)."""
+    """Summed negative log-likelihood (nats) of the scored tail of each window (left-padded batch).
+
+    The model's forward runs with the head fed one position per row (a pre-hook keeps the full
+    hidden states); the head is then applied to the scored positions, a chunk at a time.
+    """
     import torch
 
     width = max(len(w) for w in windows) - 1  # inputs are w[:-1], targets w[1:]
@@ -164,26 +178,50 @@ def _nll_of_batch(model, windows: list[list[int]], n_scored: list[int], device) 
         mask[row, width - n :] = 1
         targets[row, keep - m :] = torch.tensor(w[len(w) - m :])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = out.logits  # (batch, keep, vocab) in the model's dtype
-    targets = targets.to(logits.device)
-    nll = torch.zeros(len(windows), dtype=torch.float64, device=logits.device)
-    rows_per_chunk = max(1, (1 << 25) // logits.shape[-1])  # ~128 MB of float32 at a time
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    row_of = torch.arange(len(windows), device=logits.device).repeat_interleave(keep)
-    for lo in range(0, flat_logits.shape[0], rows_per_chunk):
-        chunk = flat_logits[lo : lo + rows_per_chunk].float()
-        t = flat_targets[lo : lo + rows_per_chunk]
-        loss = torch.nn.functional.cross_entropy(chunk, t.clamp(min=0), reduction="none")
-        loss = torch.where(t >= 0, loss, torch.zeros_like(loss))
-        nll.index_add_(0, row_of[lo : lo + rows_per_chunk], loss.double())
+
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError("the model has no output embedding (get_output_embeddings() is None): score a causal LM")
+    captured = []
+
+    def one_position_per_row(module, args):
+        if not args:
+            raise RuntimeError("the model calls its output embedding without a positional input; trkit cannot score it")
+        captured.append(args[0])
+        return (args[0][..., -1:, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(one_position_per_row)
+    try:
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the model called its output embedding {len(captured)} times in one forward; expected once")
+    hidden = captured[0]  # (batch, keep, hidden): the head's input at the kept positions
+    if hidden.dim() != 3 or hidden.shape[1] != keep:
+        raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep={keep} (head input {tuple(hidden.shape)}); trkit cannot score it")
+    model_last = out.logits[:, -1]  # (batch, vocab): the model's own logits at each window's last position
+    targets = targets.to(hidden.device)
+    rows, cols = (targets >= 0).nonzero(as_tuple=True)
+    nll = torch.zeros(len(windows), dtype=torch.float64, device=hidden.device)
+    per_chunk = max(1, LOGIT_CHUNK_ELEMENTS // model_last.shape[-1])
+    for lo in range(0, rows.numel(), per_chunk):
+        r, c = rows[lo : lo + per_chunk], cols[lo : lo + per_chunk]
+        logits = head(hidden[r, c])
+        last = c == keep - 1  # every window scores its last position
+        if last.any() and not torch.allclose(logits[last].float(), model_last[r[last]].float(), rtol=1e-2, atol=1e-2):
+            raise ValueError(
+                f"{type(model).__name__} changes its logits after the output embedding (e.g. soft-capping or "
+                "scaling), so trkit's chunked scoring would not reproduce them; this model is not supported"
+            )
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[r, c], reduction="none")
+        nll.index_add_(0, r, loss.double())
     if not torch.isfinite(nll).all():
         raise RuntimeError("the model produced non-finite log-likelihoods (NaN/Inf weights or logits)")
     return nll.tolist()
