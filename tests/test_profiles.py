@@ -71,7 +71,30 @@ def test_seed_everything_repeats():
     assert a == b
 
 
-def test_environment_report_has_versions():
+def test_environment_report_has_versions(monkeypatch):
+    from importlib import metadata
+
+    import torch
+    import transformers
+
+    import trkit
+
     report = profiles.environment_report("cpu")
     assert report["profile"]["name"] == "cpu"
-    assert report["versions"]["torch"]
+    assert report["reason"].startswith("asked for 'cpu' (auto would pick")
+    versions = report["versions"]
+    # the versions of the packages this process actually runs, not just any non-empty string
+    assert versions["torch"] == torch.__version__
+    assert versions["transformers"] == transformers.__version__
+    assert versions["trkit"] == trkit.__version__
+    # a package that is not installed is reported as None, not an error
+    installed = metadata.version
+
+    def version(name):
+        if name == "bitsandbytes":
+            raise metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    versions = profiles.environment_report("cpu")["versions"]
+    assert versions["bitsandbytes"] is None and versions["torch"] == torch.__version__
