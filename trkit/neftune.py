@@ -53,6 +53,7 @@ class NEFTune:
         self.model = model
         self.embeddings = embeddings
         self._mask: torch.Tensor | None = None
+        self._suspended = 0  # > 0 inside suspend_neftune(): no noise even in training mode
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         names = [p.name for p in params]
@@ -74,7 +75,7 @@ class NEFTune:
         self._mask = None
 
     def _add_noise(self, module, args, output):
-        if not module.training:
+        if not module.training or self._suspended:
             return None
         if not isinstance(output, torch.Tensor) or output.dim() != 3:
             raise ValueError(f"NEFTune expects embeddings of shape (batch, sequence, dim), got {type(output).__name__} "
@@ -116,6 +117,23 @@ def neftune(model: nn.Module, alpha: float) -> Iterator[NEFTune]:
         yield handle
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def suspend_neftune(model: nn.Module) -> Iterator[None]:
+    """No trkit NEFTune noise inside the block on ``model`` or any submodule, in training mode too.
+
+    The hooks stay attached and training mode is untouched (a Hessian pass keeps gradient checkpointing
+    that way); trkit.trainer uses it so the GNB curvature is that of the noiseless model.
+    """
+    handles = [h for m in model.modules() if isinstance(h := getattr(m, _ACTIVE_ATTR, None), NEFTune)]
+    for handle in handles:
+        handle._suspended += 1
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle._suspended -= 1
 
 
 def _make_callback_class():
