@@ -53,28 +53,21 @@ LN2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 
-def read_documents(path: str | Path, unit: str = "line") -> list[str]:
+def read_documents(path: str | Path, unit: str = "line", notes: list[str] | None = None) -> list[str]:
     """Read a UTF-8 text file as documents: one per non-empty line (``unit="line"``, the format
     of trkit's corpus and validation files) or the whole file as one document (``"file"``).
 
+    Lines end at ``\n`` only (``trkit corpus`` and ``trkit vocab`` split the same way; Python's
+    ``splitlines`` would also split at \x0b \x0c \x1c \x85 \u2028), a leading byte-order mark is
+    removed, gzip/bzip2/xz files are decompressed, invalid UTF-8 is an error naming the file and line,
+    and a document over ``trkit.corpus.MAX_DOCUMENT_CHARS`` characters is scored as consecutive
+    pieces (bounded memory; a line saying so goes to ``notes``). See ``trkit.corpus.read_documents``.
+
     Only the documents' own characters are counted by the scores (not the newlines between
     line documents)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is not a file: pass an existing UTF-8 text file to --text")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not valid UTF-8 ({exc}); re-encode it as UTF-8") from None
-    if unit == "line":
-        docs = [line for line in text.splitlines() if line.strip()]
-    elif unit == "file":
-        docs = [text] if text.strip() else []
-    else:
-        raise ValueError(f"unit must be 'line' or 'file', not {unit!r}")
-    if not docs:
-        raise ValueError(f"{path} holds no text to score; pass a non-empty file")
-    return docs
+    from trkit.corpus import read_documents as read
+
+    return read(path, unit=unit, notes=notes)
 
 
 def document_prefix_id(tokenizer) -> int:
@@ -315,80 +308,96 @@ def evaluate_files(
 
 
 # --------------------------------------------------------------------------------------------
-# Loading (shared by the CLI stages that score a model)
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, "torch.dtype"]:
-    """``auto``: CUDA if present, else CPU; bfloat16 (fast on GPUs and on CPUs with AVX512-BF16/AMX)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16"
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
-    return device, torch_dtype
-
-
-def _resolve(name_or_path: str, kind: str) -> str:
-    """Map the offline aliases ('smollm2', 'qwen3-tiny', 'qwen3') through trkit.assets; dirs/hub names pass."""
-    if Path(name_or_path).exists():
-        return str(name_or_path)
-    try:
-        from trkit import assets
-    except ImportError:  # assets is optional for dirs and hub names
-        return name_or_path
-    fn = getattr(assets, "resolve_model" if kind == "model" else "resolve_tokenizer")
-    return str(fn(name_or_path))
-
-
-def load_model_and_tokenizer(model: str, tokenizer: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """A causal LM and its tokenizer from a directory, an offline alias or a hub name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, torch_dtype = resolve_device_dtype(device, dtype)
-    model_path = _resolve(model, "model")
-    tok_path = _resolve(tokenizer, "tokenizer") if tokenizer else model_path
-    tok = AutoTokenizer.from_pretrained(tok_path)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
-    return lm, tok
-
-
-# --------------------------------------------------------------------------------------------
 # CLI: python -m trkit bpc --model DIR --text FILE... --json
 # --------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trkit.corpus import TEXT_HELP
+    from trkit.options import positive_int
+
     parser.add_argument("--model", required=True, help="model dir, hub name, or offline alias (smollm2, qwen3-tiny)")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the model's own)")
-    parser.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to score")
+    parser.add_argument("--text", nargs="+", default=["validation"], metavar="TEXT", help=TEXT_HELP)
+    parser.add_argument("--split", default="validation", choices=("validation", "test", "train"),
+                        help="the split of a `trkit corpus` directory given to --text (default validation)")
     parser.add_argument("--unit", choices=["line", "file"], default="line",
                         help="a document is one line (default; trkit corpus format) or the whole file")
-    parser.add_argument("--max-length", type=int, default=None, help="window length in tokens (default min(1024, context))")
-    parser.add_argument("--stride", type=int, default=None, help="window stride in tokens (default max_length/2)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 (auto: bfloat16)")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="window length in tokens (default min(1024, context))")
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="window stride in tokens, at most --max-length (default max_length/2)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    parser.add_argument("--profile", default="auto", help="hardware profile: auto | cpu | t4 | a100 | gpu (device, "
+                                                          "dtype, 4-bit loading)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="compute dtype (auto: the profile's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr, also with --json)")
+
+
+def _check_tokenizer_belongs(model_dir: Path, tokenizer: str | None) -> None:
+    """A --tokenizer other than the checkpoint's own must have the same vocabulary (an extension's new
+    ids would otherwise land on untrained padding rows and score garbage without an error)."""
+    if not tokenizer or not (model_dir / "tokenizer.json").is_file():
+        return
+    from trkit.tokstats import load_backend, tokenizer_json_path
+    from trkit.vocab import tokenizer_fingerprint
+
+    theirs = tokenizer_json_path(tokenizer, "--tokenizer")
+    load_backend(theirs)  # a broken tokenizer.json is an error naming it
+    if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(model_dir / "tokenizer.json"):
+        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of --model {model_dir} (different vocabulary "
+                         f"than its tokenizer.json): score a model with its own tokenizer (drop --tokenizer), or give "
+                         "an extended tokenizer its rows first with `trkit embed`")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
-    report = evaluate_files(
-        model, tokenizer, args.text, unit=args.unit, max_length=args.max_length, stride=args.stride,
-        batch_size=args.batch_size, progress=sys.stderr.isatty() or not args.json,
-    )
-    report = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), **report}
+    from trkit.checkpoints import resolve_checkpoint, verify_checkpoint
+    from trkit.corpus import describe_sources, text_sources
+    from trkit.loading import load_model
+    from trkit.profiles import get_profile
+
+    # Everything that can be wrong is checked before the model is loaded.
+    if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
+        raise ValueError(f"--stride {args.stride} exceeds --max-length {args.max_length}: windows would skip tokens")
+    sources = text_sources(args.text, split=args.split)
+    notes: list[str] = []
+    documents = {s.name: s.read(unit=args.unit, notes=notes) for s in sources}
+    profile = get_profile(args.profile)
+    model_dir = resolve_checkpoint(args.model)
+    verify_checkpoint(model_dir)
+    _check_tokenizer_belongs(model_dir, args.tokenizer)
+    progress = not args.quiet
+    print("texts (name, language, from):\n" + describe_sources(sources), file=sys.stderr)
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
+
+    model, tokenizer = load_model(model_dir, profile, tokenizer=args.tokenizer,
+                                  dtype=None if args.dtype == "auto" else args.dtype)
+    per_source: dict[str, dict] = {}
+    scores: dict[str, TextScore] = {}
+    for src in sources:
+        score = score_documents(model, tokenizer, documents[src.name], max_length=args.max_length, stride=args.stride,
+                                batch_size=args.batch_size, progress=progress, desc=src.name)
+        scores[src.name] = score
+        per_source[src.given or src.name] = {**score.to_dict(), "language": src.language}
+    totals: dict[str, dict] = {}
+    for language in dict.fromkeys(s.language for s in sources):
+        group = [scores[s.name] for s in sources if s.language == language]
+        totals[language] = {"sources": len(group), **sum(group[1:], group[0]).to_dict()}
+    pooled = sum(list(scores.values())[1:], list(scores.values())[0])
+    report = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "files": per_source,
+              "totals": totals, "pooled": pooled.to_dict(), "texts": {s.name: s.origin for s in sources},
+              "notes": notes}
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
-    print(f"{'file':40s} {'chars':>9s} {'tokens':>8s} {'chars/tok':>9s} {'BPC':>7s} {'BPB':>7s}")
-    for name, r in [*report["files"].items(), ("pooled", report["pooled"])]:
-        print(f"{Path(name).name[:40]:40s} {r['chars']:9d} {r['tokens']:8d} {r['chars_per_token']:9.3f} "
-              f"{r['bits_per_char']:7.4f} {r['bits_per_byte']:7.4f}")
+    width = max(12, *(len(Path(n).name) for n in per_source), *(len(f"{g} (all)") for g in totals))
+    print(f"{'text':<{width}} {'language':<8} {'chars':>10} {'tokens':>9} {'chars/tok':>9} {'BPC':>7} {'BPB':>7}")
+    rows = [(Path(n).name, r) for n, r in per_source.items()] + [(f"{g} (all)", {**r, "language": g})
+                                                                 for g, r in totals.items()]
+    for name, r in rows:
+        print(f"{name:<{width}} {r['language']:<8} {r['chars']:>10d} {r['tokens']:>9d} {r['chars_per_token']:>9.3f} "
+              f"{r['bits_per_char']:>7.4f} {r['bits_per_byte']:>7.4f}")
     return 0

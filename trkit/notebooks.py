@@ -74,7 +74,7 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
     try:
         pm.execute_notebook(
             str(staged), str(executed), parameters=parameters, kernel_name="python3",
-            cwd=str(out_dir), progress_bar=False, execution_timeout=timeout,
+            cwd=str(out_dir), progress_bar=False, execution_timeout=timeout, **_kernel_transport(),
         )
     except pm.PapermillExecutionError as exc:
         number, heading = _locate_failure(executed) if executed.exists() else (exc.exec_count, "")
@@ -85,6 +85,22 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
     finally:
         staged.unlink(missing_ok=True)
     return executed
+
+
+def _kernel_transport() -> dict:
+    """Talk to the kernel over Unix sockets where possible: ipykernel warns on every start ("Kernel is
+    running over TCP without encryption ...") and the IPC transport it recommends needs no open port.
+    Unix socket paths are limited to ~107 bytes, so a long Jupyter runtime path keeps TCP."""
+    if os.name != "posix":
+        return {}
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets.config import Config
+
+    if len(jupyter_runtime_dir()) > 50:  # + "/kernel-<uuid>-ipc-<n>" must stay under the limit
+        return {}
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    return {"config": config}
 
 
 def _locate_failure(executed: Path) -> tuple[int, str]:
