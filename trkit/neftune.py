@@ -14,8 +14,9 @@ padding the two coincide (and draw the same random numbers for the same seed).
 How: a forward pre-hook on the model captures ``attention_mask`` from its call; a forward hook on
 the input-embedding module (``model.get_input_embeddings()``, so PEFT-wrapped, 4-bit,
 trkit-DoRA models and trained new-token rows all work) adds the noise to its output when that module
-is in training mode. Without a mask (or when the embedding is called on its own) every position
-counts (L_i = padded length). Use it as a context manager ``with neftune(model, alpha): ...``, as a
+is in training mode (and not inside ``suspend_neftune(model)``, which SophiaG's Hessian pass uses).
+Without a mask (or when the embedding is called on its own) every position counts (L_i = padded
+length). Use it as a context manager ``with neftune(model, alpha): ...``, as a
 handle (``activate_neftune(...).remove()``) or as a ``NEFTuneCallback(alpha)`` for the
 transformers Trainer, which is active between train begin and train end only.
 """
