@@ -411,3 +411,20 @@ def test_gnb_pass_refuses_accumulated_gradients_and_scales_h_by_its_positions():
     loss.backward()
     for p in model.parameters():
         assert torch.allclose(opt.state[p]["hessian"], n * p.grad**2, rtol=1e-5, atol=1e-12)
+
+
+def test_non_finite_gnb_pass_is_skipped_without_a_scaler_too():
+    model = tiny_lm()
+    opt = SophiaG(model.parameters())
+    batch = make_batches(1)[0]
+    run_gnb_pass(model, batch, opt, initialize=True, generator=torch.Generator().manual_seed(0))
+    before = _hessians(opt)
+
+    def diverged(m, inputs, generator):  # what a bf16 run that blew up hands the pass
+        loss, n = gauss_newton_bartlett_loss(m(input_ids=inputs["input_ids"]).logits, inputs["labels"], generator=generator)
+        return loss * float("inf"), n
+
+    stats = run_gnb_pass(model, batch, opt, loss_fn=diverged, generator=torch.Generator().manual_seed(1))
+    assert stats.skipped and not stats.initialized
+    assert all(torch.equal(a, b) for a, b in zip(before, _hessians(opt)))
+    assert all(p.grad is None for p in model.parameters())
