@@ -148,3 +148,96 @@ def test_cli(tmp_path, good_lines, capsys):
     assert main(["corpus", "--input", str(f), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     assert "kept: train" in capsys.readouterr().out
     assert main(["corpus", "--input", str(f), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_empty_splits_are_written_loadable_and_legacy_ones_still_load(tmp_path, good_lines):
+    """An empty split is saved as one empty shard; a directory from before (no data file) loads too."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    from trkit.artifacts import write_manifest
+
+    f = tmp_path / "g.txt"
+    f.write_text("\n".join(good_lines[:30]), encoding="utf-8")
+    rep = corpus.prepare_corpus([f], tmp_path / "c", config=CorpusConfig(validation_percent=0, test_percent=0),
+                                progress=False)
+    assert rep.kept["validation"] == rep.kept["test"] == 0
+    assert len(load_from_disk(str(tmp_path / "c"))["test"]) == 0
+    assert corpus.split_files(tmp_path / "c", "validation") == {}
+
+    legacy = tmp_path / "legacy"  # what the old code wrote: save_to_disk of a 0-row split, no data file
+    features = corpus._features()
+    DatasetDict({"train": Dataset.from_dict({"text": ["bir"], "source": ["s"], "id": ["0"]}, features=features),
+                 "validation": Dataset.from_dict({k: [] for k in corpus.FEATURES}, features=features),
+                 "test": Dataset.from_dict({k: [] for k in corpus.FEATURES}, features=features)}).save_to_disk(str(legacy))
+    write_manifest(legacy, "corpus", kept={"train": 1, "validation": 0, "test": 0})
+    with pytest.raises(IndexError):
+        load_from_disk(str(legacy))
+    dd = corpus.load_corpus(legacy)
+    assert len(dd["train"]) == 1 and len(dd["test"]) == 0
+    with pytest.raises(ValueError, match="not `trkit corpus`"):
+        write_manifest(tmp_path / "c", "vocab")
+        corpus.load_corpus(tmp_path / "c")
+
+
+def test_read_documents_is_strict_and_splits_on_newline_only(tmp_path):
+    import gzip
+
+    p = tmp_path / "t.txt"
+    p.write_bytes("\ufeffbir\u2028iki\x0büç\r\n\n  \ndört\x85beş\n".encode("utf-8"))
+    assert corpus.read_documents(p) == ["bir\u2028iki\x0büç", "dört\x85beş"]
+    assert corpus.read_documents(p, unit="file") == ["bir\u2028iki\x0büç\r\n\n  \ndört\x85beş\n"]
+    gz = tmp_path / "t.txt.gz"
+    gz.write_bytes(gzip.compress(p.read_bytes()))
+    assert corpus.read_documents(gz) == corpus.read_documents(p)
+    (tmp_path / "bad.txt").write_bytes(b"ok\nbozuk \xc3 bayt\n")
+    with pytest.raises(ValueError, match=r"bad.txt line 2 is not valid UTF-8 \(byte 0xc3 at column 6\)"):
+        corpus.read_documents(tmp_path / "bad.txt")
+    (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no text"):
+        corpus.read_documents(tmp_path / "blank.txt")
+    with pytest.raises(IsADirectoryError):
+        corpus.read_documents(tmp_path)
+
+
+def test_long_documents_are_measured_in_pieces(tmp_path):
+    words = [f"kelime{i}" for i in range(3000)]
+    text = " ".join(words)
+    pieces = corpus.split_long_text(text, 1000)
+    assert "".join(pieces) == text and all(len(x) <= 1000 for x in pieces) and len(pieces) > 20
+    assert all(x.endswith(" ") for x in pieces[:-1])  # cut after whitespace, never inside a word
+    assert corpus.split_long_text("x" * 2500, 1000) == ["x" * 1000, "x" * 1000, "x" * 500]
+    p = tmp_path / "long.txt"
+    p.write_text("kısa satır\n" + text + "\n", encoding="utf-8")
+    notes: list[str] = []
+    docs = corpus.read_documents(p, max_chars=1000, notes=notes)
+    assert docs[0] == "kısa satır" and "".join(docs[1:]) == text
+    assert len(notes) == 1 and "line 2" in notes[0] and f"measured as {len(pieces)} consecutive pieces" in notes[0]
+
+
+def test_text_sources_name_where_texts_come_from(tmp_path, good_lines):
+    import zipfile
+
+    from trkit import assets
+
+    srcs = corpus.text_sources(["validation"])
+    assert [s.name for s in srcs] == [f"tr-{k}" for k in assets.validation_files()] + ["english"]
+    assert all(s.language == "Turkish" for s in srcs[:-1]) and srcs[-1].language == "English"
+    assert "held-out validation split" in srcs[0].origin and "not a split that `trkit corpus` wrote" in srcs[0].origin
+    f = tmp_path / "g.txt"
+    f.write_text("\n".join(good_lines[:80]), encoding="utf-8")
+    corpus.prepare_corpus([f], tmp_path / "c", config=CorpusConfig(validation_percent=20, test_percent=0),
+                          progress=False)
+    (s,) = corpus.text_sources([tmp_path / "c"])
+    assert s.name == "tr-g" and s.language == "Turkish" and len(s.read()) == len(corpus.split_files(tmp_path / "c")["g"])
+    with pytest.raises(ValueError, match="'test' split is empty"):
+        corpus.text_sources([tmp_path / "c"], split="test")
+    (g2,) = corpus.text_sources([f])
+    assert g2.name == "g" and g2.language == "" and g2.read() and g2.language == "Turkish"
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("a.txt", "bir")
+    with pytest.raises(ValueError, match="zip archive"):
+        corpus.text_sources([tmp_path / "a.zip"])
+    with pytest.raises(FileNotFoundError, match="no such file or corpus directory"):
+        corpus.text_sources([tmp_path / "missing.txt"])
+    assert corpus.text_language(["The value of the attribute is returned by the function."]) == "English"
+    assert corpus.text_language(["12345 67890"]) == "other"

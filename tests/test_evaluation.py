@@ -213,3 +213,45 @@ def test_cli_json(tiny_lm, tmp_path, capsys):
     direct = ev.score_documents(model, tok, DOCS[:2], progress=False)
     assert fa["bits_per_char"] == pytest.approx(direct.bits_per_char, rel=1e-5)
     assert main(["bpc", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_read_documents_splits_on_newline_only_and_strips_a_bom(tmp_path):
+    """bpc split documents on \\x0b \\x0c \\x1c \\x85 \\u2028 (str.splitlines) and kept a UTF-8 BOM, while
+    corpus and vocab split on \\n only (issue 10 item 11)."""
+    p = tmp_path / "t.txt"
+    p.write_bytes("\ufeffbir\x0biki\x0cüç\x1cdört\x85beş\u2028altı\r\nyedi\n".encode("utf-8"))
+    assert ev.read_documents(p) == ["bir\x0biki\x0cüç\x1cdört\x85beş\u2028altı", "yedi"]
+
+
+def test_read_documents_bounds_a_huge_line_and_says_so(tmp_path):
+    """A 2 MB single line (issue 10 item 10) is scored as consecutive pieces, with a note."""
+    from trkit.corpus import MAX_DOCUMENT_CHARS
+
+    p = tmp_path / "one-line.txt"
+    line = ("Türkiye'nin eğitim sisteminde gelişmeler var. " * 45_000).strip()
+    p.write_text(line + "\n", encoding="utf-8")
+    notes: list[str] = []
+    docs = ev.read_documents(p, notes=notes)
+    assert len(line) > 2 * MAX_DOCUMENT_CHARS and len(docs) == 3 and "".join(docs) == line
+    assert all(len(d) <= MAX_DOCUMENT_CHARS for d in docs)
+    assert len(notes) == 1 and "3 consecutive pieces" in notes[0]
+
+
+def test_cli_reports_language_totals_and_refuses_a_bad_batch_size(tiny_lm, tmp_path, capsys):
+    from trkit.cli import main
+
+    model, tok = tiny_lm
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    tr = tmp_path / "tr.txt"
+    tr.write_text("\n".join(DOCS[:3]) + "\n", encoding="utf-8")
+    en = tmp_path / "en.txt"
+    en.write_text(DOCS[3] + "\nReturn the value of the named attribute of the object.\n", encoding="utf-8")
+    assert main(["bpc", "--model", str(tmp_path / "m"), "--text", str(tr), str(en), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.strip().split("\n")}
+    assert "Turkish" in rows["tr.txt"] and "English" in rows["en.txt"]
+    assert out.count("(all)") == 2 and "pooled" not in out
+    with pytest.raises(SystemExit):
+        main(["bpc", "--model", str(tmp_path / "m"), "--text", str(tr), "--batch-size", "-1"])
+    assert "argument --batch-size: must be an integer >= 1" in capsys.readouterr().err

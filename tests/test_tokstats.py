@@ -90,3 +90,39 @@ def test_cli_json(tmp_path, small_ext, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["sources"]["tr"]["pct_fewer"] > 20
     assert main(["tokstats", "--tokenizer", str(small_ext), "--text", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_language_totals_and_an_aligned_table(qwen3_tokenizer_dir, small_ext):
+    """ALL pooled English with Turkish and the columns did not line up (issue 15 item 5)."""
+    rep = tokstats.compare(qwen3_tokenizer_dir, small_ext, TEXTS)
+    assert rep["sources"]["tr"]["language"] == "Turkish" and rep["sources"]["en"]["language"] == "English"
+    tr, en = rep["totals"]["Turkish"], rep["totals"]["English"]
+    assert tr["tokens"] == rep["sources"]["tr"]["tokens"] and en["tokens"] == rep["sources"]["en"]["tokens"]
+    assert tr["pct_fewer"] == pytest.approx(rep["sources"]["tr"]["pct_fewer"]) and en["pct_fewer"] == 0.0
+    assert list(rep["totals"]) == ["Turkish", "English"]
+    forced = tokstats.compare(qwen3_tokenizer_dir, small_ext, TEXTS, languages={"tr": "Turkish", "en": "Turkish"})
+    assert list(forced["totals"]) == ["Turkish"] and forced["totals"]["Turkish"]["tokens"] == forced["all"]["tokens"]
+    lines = tokstats.format_table(rep).split("\n")
+    assert len({len(line) for line in lines}) == 1  # every row padded to the same columns
+    rule = next(line for line in lines if set(line) <= {"-", " "})  # the dashes under each column
+    ends = [i for i, ch in enumerate(rule) if ch == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
+    assert len(ends) == 2 + len(tokstats.TABLE_COLUMNS)
+    for line in [lines[0], *(line for line in lines[1:] if line != rule)]:
+        assert all(line[i] != " " for i in ends[2:]), line  # numbers end where their header ends
+
+
+def test_invalid_bytes_are_refused_with_the_file_named(tmp_path):
+    """Invalid UTF-8 was replaced silently by U+FFFD (issue 10 item 11)."""
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"bir\n\xff\xfe iki\n")
+    with pytest.raises(ValueError, match=r"t.txt line 2 is not valid UTF-8"):
+        tokstats.read_documents(p)
+
+
+def test_check_extension(qwen3_tokenizer_dir, small_ext, smollm2_dir):
+    ext, base = tokstats.check_extension("qwen3", small_ext)
+    assert ext.vocab_size - ext.base_vocab_size == 15 and base.get_vocab_size() == 151_669
+    with pytest.raises(ValueError, match="is not the base of the extension"):
+        tokstats.check_extension(smollm2_dir, small_ext)
+    with pytest.raises(ValueError, match="not `trkit vocab`"):  # the asset directory has a manifest of its own
+        tokstats.check_extension("qwen3", qwen3_tokenizer_dir)

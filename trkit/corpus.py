@@ -123,6 +123,16 @@ def open_text_bytes(path: str | os.PathLike):
     return open(path, "rb")
 
 
+def source_name(path: Path) -> str:
+    """A file's source name: its stem without a compression suffix (``web.txt.gz`` -> ``web``)."""
+    name = path.name
+    for ext in (".gz", ".gzip", ".bz2", ".xz"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return Path(name).stem or path.name
+
+
 def _inner_suffix(path: Path) -> str:
     """``.txt`` for ``a.txt.gz``: the format of a compressed file is the suffix before the compression's."""
     suffixes = [x.lower() for x in path.suffixes]
@@ -249,7 +259,8 @@ def resolve_inputs(inputs: Any) -> dict[str, Any]:
             out.update(corpus_files())
         else:
             p = Path(item)
-            out[p.stem if p.stem not in out else str(p)] = p
+            name = source_name(p)
+            out[name if name not in out else str(p)] = p
     if not out:
         raise ValueError("no input: pass 'default', files, or a hub dataset name")
     return out
@@ -376,7 +387,7 @@ def prepare_corpus(
 
     config = config or CorpusConfig()
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (--limit), got {limit}")
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     if not progress:
         import datasets
 
@@ -746,8 +757,7 @@ def text_sources(items: Iterable[str | os.PathLike], split: str = "validation", 
             raise FileNotFoundError(f"{option} {text}: no such file or corpus directory; pass {TEXT_HELP}")
         with open_text_bytes(p):  # a zip / zstd archive is refused here, before anything is loaded
             pass
-        add(TextSource(Path(p.name[: -len(p.suffix)] if p.suffix.lower() in (".gz", ".bz2", ".xz") else p.name).stem,
-                       "", path=p, origin=str(p), given=text))
+        add(TextSource(source_name(p), "", path=p, origin=str(p), given=text))
     if not out:
         raise ValueError(f"no text: pass {option} with {TEXT_HELP}")
     return list(out.values())

@@ -88,12 +88,13 @@ def check_extension(base: str | os.PathLike, tokenizer: str | os.PathLike):
     Checks, before any text is encoded: ``base`` is a readable tokenizer.json; ``tokenizer`` has a
     trkit manifest of stage ``vocab`` whose file hashes match (a truncated tokenizer.json is named);
     its recorded base fingerprint is ``base``'s, every existing id is unchanged and the new ids are
-    the manifest's (``trkit.embeddings.check_tokenizer_pair``). Returns the ``Extension``.
+    the manifest's (``trkit.embeddings.check_tokenizer_pair``). Returns the ``Extension`` and the
+    loaded base tokenizer.
     """
     from trkit.embeddings import check_tokenizer_pair, load_extension
 
     base_json = tokenizer_json_path(base, "--base")
-    load_backend(base_json, "--base")  # valid JSON and a loadable tokenizer, named if not
+    base_tokenizer = load_backend(base_json, "--base")  # valid JSON and a loadable tokenizer, named if not
     ext_dir = Path(tokenizer)
     if not ext_dir.is_dir():
         raise FileNotFoundError(f"--tokenizer {tokenizer}: no such directory; pass the --out of `trkit vocab`")
@@ -103,7 +104,7 @@ def check_extension(base: str | os.PathLike, tokenizer: str | os.PathLike):
         raise ValueError(f"--tokenizer {ext_dir} is not a trkit vocabulary extension ({exc}); tokstats compares "
                          "an extension written by `trkit vocab` with its own base") from None
     check_tokenizer_pair(ext, base_json)
-    return ext
+    return ext, base_tokenizer
 
 
 def _boundaries(tokens: list[str]) -> set[int]:
@@ -321,10 +322,10 @@ def run_cli(args) -> int:
     from trkit.corpus import describe_sources, text_sources
 
     sources = text_sources(args.text, split=args.split)  # every path checked before any tokenizer is loaded
-    check_extension(args.base, args.tokenizer)
     texts = {s.name: s.read(max_chars=None) for s in sources}
+    _, base = check_extension(args.base, args.tokenizer)
     print("texts (name, language, from):\n" + describe_sources(sources), file=sys.stderr)
-    report = compare(args.base, args.tokenizer, texts, morphology=args.morphology,
+    report = compare(base, args.tokenizer, texts, morphology=args.morphology,
                      languages={s.name: s.language for s in sources})
     report["texts"] = {s.name: s.origin for s in sources}
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_table(report))
