@@ -86,22 +86,24 @@ def _is_stale(tag: str, path: Path) -> bool:
         return False
 
 
-def sweep_stale(parent: str | os.PathLike, name: str) -> list[Path]:
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+?)\.(?P<tag>[^.]+-\d+)\.[^/]*(?:partial|tmp|old)$")
+
+
+def sweep_stale(parent: str | os.PathLike, name: str | None) -> list[Path]:
     """Remove what killed writers of ``parent/name`` left behind (``.name.<host>-<pid>.*.partial`` dirs,
-    ``.tmp`` files and ``.old`` dirs); returns what was removed. Called at the start of every write."""
+    ``.tmp`` files and ``.old`` dirs; every name when ``name`` is None); returns what was removed.
+    Called at the start of every write."""
     parent = Path(parent)
     removed = []
     try:
         entries = list(parent.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return removed
-    prefix = f".{name}."
     for entry in entries:
-        rest = entry.name[len(prefix):] if entry.name.startswith(prefix) else None
-        if rest is None or not rest.endswith((".partial", ".tmp", ".old")):
+        m = _LEFTOVER_RE.match(entry.name)
+        if not m or (name is not None and not entry.name.startswith(f".{name}.{m.group('tag')}.")):
             continue
-        tag = rest.split(".", 1)[0]
-        if _is_stale(tag, entry):
+        if _is_stale(m.group("tag"), entry):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -206,6 +208,10 @@ def write_manifest(directory: str | os.PathLike, stage: str, **fields: Any) -> d
 
     directory = Path(directory)
     files = hash_directory_files(directory)
+    mode = 0o666 & ~_umask()
+    for rel in files:  # some writers (safetensors, mkstemp) create 0600 files: artifacts get ordinary permissions
+        with contextlib.suppress(OSError):
+            os.chmod(directory / rel, mode)
     manifest = {
         "stage": stage,
         "trkit_version": __version__,
