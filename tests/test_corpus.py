@@ -222,7 +222,9 @@ def test_text_sources_name_where_texts_come_from(tmp_path, good_lines):
     srcs = corpus.text_sources(["validation"])
     assert [s.name for s in srcs] == [f"tr-{k}" for k in assets.validation_files()] + ["english"]
     assert all(s.language == "Turkish" for s in srcs[:-1]) and srcs[-1].language == "English"
-    assert "held-out validation split" in srcs[0].origin and "not a split that `trkit corpus` wrote" in srcs[0].origin
+    assert "held-out validation split" in srcs[0].origin and "not a split that `trkit corpus` wrote" in srcs[0].note
+    described = corpus.describe_sources(srcs)
+    assert described.count("note:") == 1 and str(assets.english_file()) in described
     f = tmp_path / "g.txt"
     f.write_text("\n".join(good_lines[:80]), encoding="utf-8")
     corpus.prepare_corpus([f], tmp_path / "c", config=CorpusConfig(validation_percent=20, test_percent=0),

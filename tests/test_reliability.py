@@ -383,7 +383,7 @@ def test_tokstats_says_which_split_and_reads_a_corpus_directory(corpus_dir, exte
         len(v) for v in split_files(corpus_dir, "test").values())
 
     rc, out, err = cli(["tokstats", "--tokenizer", extensions / "qwen", "--text", "validation"], capsys)
-    assert rc == 0 and "held-out validation split" in err and "pass that directory" in err
+    assert rc == 0 and "held-out validation split" in err and "pass its directory to --text" in err
     assert "Turkish (all)" in out and "English (all)" in out
 
 

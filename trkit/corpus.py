@@ -698,6 +698,7 @@ class TextSource:
     documents: list[str] | None = None
     origin: str = ""
     given: str = ""  # a file item as the user wrote it (bpc's report keys files by it)
+    note: str = ""  # said once for all sources that share it
 
     def read(self, unit: str = "line", max_chars: int | None = MAX_DOCUMENT_CHARS,
              notes: list[str] | None = None) -> list[str]:
@@ -733,9 +734,10 @@ def text_sources(items: Iterable[str | os.PathLike], split: str = "validation", 
             if text == "validation":
                 vfiles = assets.validation_files()
                 for k, v in vfiles.items():
-                    add(TextSource(f"tr-{k}", "Turkish", path=Path(v), origin=(
-                        f"the offline corpus's held-out validation split ({Path(v).parent}), not a split that "
-                        "`trkit corpus` wrote: pass that directory to measure its split")))
+                    add(TextSource(f"tr-{k}", "Turkish", path=Path(v),
+                                   origin=f"the offline corpus's held-out validation split: {v}", note=(
+                                       "'validation' is the offline corpus's held-out split, not a split that "
+                                       "`trkit corpus` wrote: to measure that one, pass its directory to --text")))
             eng = assets.english_file()
             add(TextSource("english", "English", path=Path(eng), origin=f"the offline English text ({eng})"))
             continue
@@ -765,7 +767,8 @@ def text_sources(items: Iterable[str | os.PathLike], split: str = "validation", 
 
 def describe_sources(sources: list[TextSource]) -> str:
     """Lines saying where each measured text comes from (what ``tokstats`` and ``bpc`` print to stderr)."""
-    return "\n".join(f"  {s.name:<16} {s.language or '?':<8} {s.origin}" for s in sources)
+    lines = [f"  {s.name:<16} {s.language or '?':<8} {s.origin}" for s in sources]
+    return "\n".join(lines + [f"  note: {n}" for n in dict.fromkeys(s.note for s in sources if s.note)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,8 +147,8 @@ def compare(
 ) -> dict:
     """Report of ``tokenizer`` against ``base`` on every source in ``texts`` ({name: file or texts}).
 
-    Returns ``{"base_vocab_size", "vocab_size", "n_new_tokens", "sources": {name: stats}, "totals":
-    {language: stats}, "all": stats}``. ``languages`` maps a source to its language; a source not in it
+    Returns ``{"base_vocab_size", "vocab_size", "n_new_tokens", "sources": {name: stats}, "languages":
+    {name: language}, "totals": {language: stats}, "all": stats}``. ``languages`` maps a source to its language; a source not in it
     gets ``trkit.corpus.text_language`` of its documents. ``all`` pools every source (Turkish with
     English: read the per-language ``totals`` instead).
     With ``morphology`` also the share of word-internal boundaries on suffix boundaries (slower); the
@@ -198,12 +198,12 @@ def compare(
                 internal, on = internal + i, on + o
             stats["word_internal_boundaries"] = internal
             stats["morph_boundary_share"] = on / internal if internal else None
-        stats["language"] = (languages or {}).get(name) or _language_of(docs)
         report["sources"][name] = stats
+        report.setdefault("languages", {})[name] = (languages or {}).get(name) or _language_of(docs)
     if report["sources"]:
         groups: dict[str, list[str]] = {}
-        for name, st in report["sources"].items():
-            groups.setdefault(st["language"], []).append(name)
+        for name, language in report["languages"].items():
+            groups.setdefault(language, []).append(name)
         order = sorted(groups, key=lambda g: (["Turkish", "English"].index(g) if g in ("Turkish", "English") else 2, g))
         report["totals"] = {g: _pool(report["sources"], groups[g], used_by, n_new) for g in order}
         report["all"] = _pool(report["sources"], list(report["sources"]), used_by, n_new)
@@ -283,8 +283,9 @@ def format_table(report: dict) -> str:
     rows += [(f"{g} (all)" if g != "ALL" else g, st) for g, st in totals.items()]
     head = ["source", "language"] + [h for _, h, _ in TABLE_COLUMNS]
     body = []
+    languages = report.get("languages", {})
     for name, st in rows:
-        cells = [name, st.get("language", "" if name.endswith("(all)") else "")]
+        cells = [name, languages.get(name, "") if name in report["sources"] else ""]
         for key, _, fmt in TABLE_COLUMNS:
             v = st.get(key)
             cells.append("-" if v is None else format(v, fmt))
