@@ -118,7 +118,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=["fvt", "mean", "random"])
     ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--train-minutes", type=float, default=10.0)
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -133,7 +132,6 @@ def main(argv=None) -> dict:
 
     from trkit import assets
     from trkit import embeddings as emb
-    from trkit import train as train_module
     from trkit.evaluation import read_documents
     from trkit.vocab import extend_tokenizer
 
@@ -202,18 +200,30 @@ def main(argv=None) -> dict:
     print(f"[{time.perf_counter() - t0:6.0f}s] fvt_offset: {rows['fvt+fvt_offset']['turkish']['bits_per_char']:.4f}",
           file=sys.stderr, flush=True)
 
-    # train only the new rows on the Turkish training split
+    # train only the new rows on the Turkish training split, with the training stage (trkit.train)
     if args.train_steps > 0:
+        from peft import PeftModel
+
+        from trkit.train import TrainConfig, train
+
+        ext_ckpt = work / "model-ext"
+        emb.extend_checkpoint(src, ext, ext_ckpt, init="fvt", output_init="fvt_offset", offsets=stats, progress=False)
         t_train = time.perf_counter()
-        trained, history = train_module.train_new_rows(model, ext, tok_ext, train_docs, steps=args.train_steps,
-                                              batch_size=args.train_batch, seq_len=args.train_seq, lr=args.lr,
-                                              max_minutes=args.train_minutes, progress=False)
-        result["training"] = {"steps": history[-1]["step"], "batch": args.train_batch, "seq_len": args.train_seq,
-                              "lr": args.lr, "tokens": history[-1]["step"] * args.train_batch * args.train_seq,
-                              "minutes": (time.perf_counter() - t_train) / 60, "history": history,
-                              "trainable": "new rows only (input + output), PEFT trainable tokens, AdamW, cosine"}
-        print(f"[{time.perf_counter() - t0:6.0f}s] trained: {json.dumps(result['training'])}", file=sys.stderr, flush=True)
+        run = train(TrainConfig(model=str(ext_ckpt), out=str(work / "rows"), stage="rows",
+                                corpus=[str(assets.corpus_files()[k]) for k in learn_on], max_steps=args.train_steps,
+                                batch_size=args.train_batch, seq_len=args.train_seq, embedding_lr=args.lr,
+                                eval_chars=0, save_steps=0, save_minutes=0, profile="cpu", dtype=args.dtype,
+                                progress=False))
+        history = [r for r in run.log if "loss" in r]
+        result["training"] = {"steps": run.steps, "batch": args.train_batch, "seq_len": args.train_seq,
+                              "lr": args.lr, "tokens": run.steps * args.train_batch * args.train_seq,
+                              "minutes": (time.perf_counter() - t_train) / 60,
+                              "history": [{"step": r["step"], "loss": r["loss"]} for r in history],
+                              "trainable": "new rows only (input + output): python -m trkit train --stage rows"}
+        print(f"[{time.perf_counter() - t0:6.0f}s] trained {run.steps} steps", file=sys.stderr, flush=True)
         save_partial()
+        trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ext_ckpt, dtype=dtype),
+                                            str(run.adapter)).merge_and_unload().eval()
         rows["fvt+fvt_offset, trained"] = bpc_pair(trained, tok_ext, turkish, english, args.batch_size)
         del trained
     del model

@@ -387,3 +387,16 @@ def test_embed_cli(qwen_ext, tiny_qwen3_dir, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert main(["embed", "--model", str(tiny_qwen3_dir), "--tokenizer", str(tmp_path), "--out",
                  str(tmp_path / "o3"), "--quiet"]) == 2  # not a vocab dir: clean error
+
+
+def test_save_dtype_halves_the_checkpoint(qwen_ext, tiny_qwen3_dir, tmp_path):
+    """Issue 15 item 3: the demo's checkpoints can be written in bf16 (the same values, rounded)."""
+    a = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "fp32", init="fvt", output_init="first", progress=False)
+    b = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, tmp_path / "bf16", init="fvt", output_init="first",
+                              progress=False, dtype="bfloat16")
+    ta, tb = _tensors(tmp_path / "fp32"), _tensors(tmp_path / "bf16")
+    assert set(ta) == set(tb) and all(v.dtype == torch.bfloat16 for v in tb.values())
+    assert all(torch.equal(ta[k].to(torch.bfloat16), tb[k]) for k in ta)
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.51 * size(tmp_path / "fp32")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16" and b["dtype"] == "bfloat16"

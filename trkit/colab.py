@@ -55,3 +55,36 @@ def hf_token() -> str | None:
         except Exception:  # secret missing or notebook access not granted: run without a token
             return None
     return None
+
+
+def settings_form(values: dict, choices: dict | None = None, title: str = "settings"):
+    """An ipywidgets form over ``values`` (edited in place as the user changes a field); returns the widget.
+
+    Numbers get number boxes, booleans checkboxes, strings text boxes, and a key in ``choices`` a
+    drop-down. Headless runs (papermill) never see it change, so the notebook's parameters stay the
+    source of truth there; interactively, change a field and run the next cells.
+    """
+    import ipywidgets as widgets
+
+    choices = choices or {}
+    rows = []
+    for key, value in values.items():
+        if key in choices:
+            w = widgets.Dropdown(options=list(choices[key]), value=value, description=key)
+        elif isinstance(value, bool):
+            w = widgets.Checkbox(value=value, description=key)
+        elif isinstance(value, int):
+            w = widgets.IntText(value=value, description=key)
+        elif isinstance(value, float):
+            w = widgets.FloatText(value=value, description=key)
+        else:
+            w = widgets.Text(value="" if value is None else str(value), description=key)
+        w.style = {"description_width": "140px"}
+
+        def update(change, key=key, kind=type(value)):
+            new = change["new"]
+            values[key] = None if (new == "" and kind is type(None)) else new
+
+        w.observe(update, names="value")
+        rows.append(w)
+    return widgets.VBox([widgets.HTML(f"<b>{title}</b> (change a value, then run the next cells)"), *rows])

@@ -279,7 +279,7 @@ def init_new_rows(
     multiple of 64; never produced by the tokenizer) get the mean of the trained rows.
     """
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if method not in OUTPUT_INITS:
         raise ValueError(f"unknown init {method!r}; choose one of {', '.join(OUTPUT_INITS)}")
@@ -433,7 +433,7 @@ def final_hidden_states(model, tokenizer, documents: Sequence[str], *, max_lengt
     any causal LM (4-bit ones included). Returns float32 ``(N, hidden)`` on CPU and ``(N,)`` targets.
     """
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit.evaluation import document_prefix_id
 
@@ -683,15 +683,18 @@ def extend_checkpoint(
     link: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> dict:
     """Extend a safetensors checkpoint directory without loading the model (see module doc).
 
     Every input shard is verified first (a truncated shard is an error naming it, never linked into
     the output). Writes ``out`` atomically: the resized shard(s), the untouched shards (hard links
     when possible), the updated index and config, the extended tokenizer and a manifest with every
-    file's sha256. Returns the manifest.
+    file's sha256. ``dtype`` (``bfloat16`` / ``float16`` / ``float32``) stores every floating tensor
+    in that dtype (then every shard is rewritten; the offline SmolLM2 is fp32 on disk, its bf16 copy
+    is half the size and loses nothing a dequantised Q4 model had). Returns the manifest.
     """
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     src = resolve_checkpoint(src)
     ext = ext if isinstance(ext, Extension) else load_extension(ext)
@@ -713,7 +716,26 @@ def extend_checkpoint(
             return new
         return build
 
+    import torch
+
+    from trkit.checkpoints import read_tensor, st_dtype
+
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    target = getattr(torch, dtype) if dtype else None
+    code = st_dtype(torch.empty(0, dtype=target)) if target is not None else None
+    floats = ("F64", "F32", "F16", "BF16")
+
+    def cast(name: str, dt: str, build):
+        """(stored dtype, producer) of a tensor under the requested output dtype."""
+        if code is None or dt not in floats or dt == code:
+            return dt, build
+        return code, (lambda: build().to(target)) if callable(build) else (
+            lambda: read_tensor(build[0], name).to(target))
+
     changed = {wmap[in_key]} | ({wmap[out_key]} if out_key else set())
+    if code is not None:
+        changed = set(wmap.values())
     report: dict[str, str] = {}
     with atomic_directory(out, overwrite=overwrite, inputs=[src, ext.directory, base_tokenizer]) as tmp:
         files = sorted(set(wmap.values()))
@@ -727,19 +749,20 @@ def extend_checkpoint(
                                      key=lambda kv: kv[1]["data_offsets"][0]):
                 a, b = info["data_offsets"]
                 if name == in_key:
-                    entries.append((name, info["dtype"], [rows, hidden], resized(in_key, in_key, init, seed, "input rows")))
+                    entries.append((name, [rows, hidden], *cast(name, info["dtype"], resized(in_key, in_key, init, seed, "input rows"))))
                     if untie and out_key is None:
-                        entries.append((OUTPUT_KEY, info["dtype"], [rows, hidden],
-                                        resized(OUTPUT_KEY, in_key, output_init, seed + 1, "output rows")))
+                        entries.append((OUTPUT_KEY, [rows, hidden], *cast(OUTPUT_KEY, info["dtype"],
+                                        resized(OUTPUT_KEY, in_key, output_init, seed + 1, "output rows"))))
                 elif name == out_key:
                     if tied and not untie:  # a stored copy of the tied matrix stays a copy of it
-                        entries.append((name, info["dtype"], [rows, hidden],
-                                        resized(in_key, in_key, init, seed, "output rows (tied copy)")))
+                        entries.append((name, [rows, hidden], *cast(name, info["dtype"],
+                                        resized(in_key, in_key, init, seed, "output rows (tied copy)"))))
                     else:
-                        entries.append((name, info["dtype"], [rows, hidden],
-                                        resized(OUTPUT_KEY, out_key, output_init, seed + 1, "output rows")))
+                        entries.append((name, [rows, hidden], *cast(name, info["dtype"],
+                                        resized(OUTPUT_KEY, out_key, output_init, seed + 1, "output rows"))))
                 else:
-                    entries.append((name, info["dtype"], info["shape"], (src / shard, start + a, start + b)))
+                    entries.append((name, info["shape"], *cast(name, info["dtype"], (src / shard, start + a, start + b))))
+            entries = [(n, dt, shape, source) for n, shape, dt, source in entries]
             write_safetensors_streaming(tmp / shard, entries, hdr.get("__metadata__"))
             report[shard] = "rewritten"
         if index is not None:
@@ -766,6 +789,10 @@ def extend_checkpoint(
             c["vocab_size"] = rows
             if untie or not tied:
                 c["tie_word_embeddings"] = False
+            if dtype:
+                for key in ("dtype", "torch_dtype"):
+                    if key in c or key == "dtype":
+                        c[key] = dtype
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for p in sorted(src.iterdir()):  # generation_config.json and other small files
             if (p.is_file() and p.name not in changed and p.name not in report and p.name != "config.json"
@@ -784,7 +811,7 @@ def extend_checkpoint(
             extension=str(ext.directory), extension_manifest_sha256=sha256_file(ext.directory / MANIFEST_NAME),
             base_fingerprint=ext.base_fingerprint, base_vocab_size=ext.base_vocab_size,
             vocab_size=ext.vocab_size, rows=rows, old_rows=old_rows,
-            init=init, output_init=output_init, seed=seed, tied=tied and not untie, untied=untie,
+            init=init, output_init=output_init, seed=seed, tied=tied and not untie, untied=untie, dtype=dtype,
             source_tied=tied, tie_decision=plan["tie_decision"],
             offset_stats=None if offsets is None else {"scale": offsets.scale, **offsets.report},
             shards=report,
@@ -814,6 +841,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="English calibration text (default: the last documents of the offline English file)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random rule")
     parser.add_argument("--copy", action="store_true", help="copy untouched shards instead of hard-linking them")
+    parser.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"),
+                        help="store the output's floating tensors in this dtype (default: as the source stores them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--profile", default="auto", help="hardware profile of the calibration pass (auto | cpu | t4 | a100 | gpu)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
@@ -859,7 +888,7 @@ def run_cli(args: argparse.Namespace) -> int:
                   f"+- {offsets.report['direction_fit_std']:.3f}", file=sys.stderr)
     manifest = extend_checkpoint(src, ext, args.out, init=args.init, output_init=args.output_init, offsets=offsets,
                                  base_tokenizer=base_tok_dir, seed=args.seed, link=not args.copy,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 overwrite=args.overwrite, progress=not args.quiet, dtype=args.save_dtype)
     print(f"wrote {args.out}: {manifest['old_rows']} -> {manifest['rows']} rows "
           f"(vocabulary {manifest['base_vocab_size']} -> {manifest['vocab_size']}), input {manifest['init']}, "
           f"output {manifest['output_init']}{' (untied)' if manifest['untied'] else ''}; {manifest['tie_decision']}")

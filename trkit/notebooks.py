@@ -71,6 +71,10 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
     staged = out_dir / f".{name}.input.ipynb"
     nbformat.write(nb, staged)
     executed = out_dir / f"{name}.ipynb"
+    from trkit.progress import HEADLESS_ENV
+
+    saved_env = {k: os.environ.get(k) for k in HEADLESS_ENV}
+    os.environ.update(HEADLESS_ENV)  # the kernel inherits it: plain-text progress, no widget state saved
     try:
         pm.execute_notebook(
             str(staged), str(executed), parameters=parameters, kernel_name="python3",
@@ -84,6 +88,11 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
         ) from None
     finally:
         staged.unlink(missing_ok=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return executed
 
 

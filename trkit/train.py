@@ -62,7 +62,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -138,6 +138,7 @@ class TrainConfig:
     logging_steps: int = 1
     profile: str = "auto"
     dtype: str | None = None
+    gradient_checkpointing: bool | None = None  # default: the profile's (on for GPUs)
     merge: bool = False
     push_to_hub: str | None = None
     overwrite: bool = False
@@ -332,7 +333,8 @@ def build_model(config: TrainConfig, profile) -> Built:
     from trkit.loading import load_model
 
     source, start_adapter = _source_of(config.model)
-    model, tok = load_model(source, profile, tokenizer=config.tokenizer, dtype=config.dtype, training=True)
+    model, tok = load_model(source, profile, tokenizer=config.tokenizer, dtype=config.dtype, training=True,
+                            gradient_checkpointing=config.gradient_checkpointing)
     if start_adapter is not None:  # a rows run's output: merge its rows (and anything else) into the model
         model = PeftModel.from_pretrained(model, str(start_adapter)).merge_and_unload()
         model.train()
@@ -741,11 +743,13 @@ def evaluate_bpc(model, tokenizer, docs: dict[str, list[str]], batch_size: int =
             for name, d in docs.items() if d}
 
 
-def train(config: TrainConfig) -> RunResult:
-    """Run (or resume) one training run; see the module docstring. Returns where everything went."""
+def train(config: TrainConfig, on_log: Callable[[dict], None] | None = None) -> RunResult:
+    """Run (or resume) one training run; see the module docstring. Returns where everything went.
+
+    ``on_log(record)`` is called on the main process with every log record (a notebook's live plot)."""
     import torch
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit import artifacts
     from trkit.loading import preflight
@@ -794,6 +798,7 @@ def train(config: TrainConfig) -> RunResult:
         raise ValueError(f"--stage rows trains new-token rows, but {cfg.model} has none: extend it first with "
                          "`python -m trkit embed`, or use --stage adapters")
     report = preflight(_source_of(cfg.model)[0], profile, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       gradient_checkpointing=cfg.gradient_checkpointing,
                        lora_rank=cfg.rank if cfg.stage == "adapters" else 0,
                        new_tokens=(span[1] - span[0]) if span else 0,
                        optimizer=cfg.optimizer, dora=cfg.stage == "adapters" and cfg.adapter in ("dora", "peft-dora"))
@@ -890,6 +895,8 @@ def train(config: TrainConfig) -> RunResult:
             with open(out / LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
+            if on_log is not None:
+                on_log(record)
 
     def do_eval(step: int) -> None:
         if not eval_docs:
@@ -1184,6 +1191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--logging-steps", type=o.positive_int, default=d.logging_steps)
     a("--profile", default=d.profile, help="auto | cpu | t4 | a100 | gpu")
     a("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype (default: the profile's)")
+    a("--gradient-checkpointing", choices=("on", "off"), help="recompute activations in backward (default: the profile's)")
     a("--merge", action="store_true", help="also write OUT/merged: a full checkpoint with the adapter merged in")
     a("--push-to-hub", metavar="REPO", help="upload OUT/adapter to this hub repository (token from HF_TOKEN / Colab secrets)")
     a("--overwrite", action="store_true", help="discard an earlier run in --out and start again")
@@ -1197,6 +1205,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.gradient_checkpointing is not None:
+        values["gradient_checkpointing"] = args.gradient_checkpointing == "on"
     values["progress"] = not args.quiet
     return TrainConfig(**values)
 
