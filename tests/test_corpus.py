@@ -186,9 +186,18 @@ def test_read_documents_is_strict_and_splits_on_newline_only(tmp_path):
     p.write_bytes("\ufeffbir\u2028iki\x0büç\r\n\n  \ndört\x85beş\n".encode("utf-8"))
     assert corpus.read_documents(p) == ["bir\u2028iki\x0büç", "dört\x85beş"]
     assert corpus.read_documents(p, unit="file") == ["bir\u2028iki\x0büç\r\n\n  \ndört\x85beş\n"]
-    gz = tmp_path / "t.txt.gz"
-    gz.write_bytes(gzip.compress(p.read_bytes()))
-    assert corpus.read_documents(gz) == corpus.read_documents(p)
+    import bz2
+    import lzma
+
+    for name, compress in (("t.txt.gz", gzip.compress), ("t.bz2", bz2.compress), ("t.xz", lzma.compress)):
+        packed = tmp_path / name
+        packed.write_bytes(compress(p.read_bytes()))
+        assert corpus.read_documents(packed) == corpus.read_documents(p), name
+        (tmp_path / f"cut-{name}").write_bytes(packed.read_bytes()[:-12])
+        with pytest.raises(ValueError, match=f"cut-{name} could not be read to the end"):
+            corpus.read_documents(tmp_path / f"cut-{name}")
+    (tmp_path / "bzh.txt").write_text("BZh9 diye başlayan düz bir metin\n", encoding="utf-8")
+    assert corpus.read_documents(tmp_path / "bzh.txt") == ["BZh9 diye başlayan düz bir metin"]
     (tmp_path / "bad.txt").write_bytes(b"ok\nbozuk \xc3 bayt\n")
     with pytest.raises(ValueError, match=r"bad.txt line 2 is not valid UTF-8 \(byte 0xc3 at column 6\)"):
         corpus.read_documents(tmp_path / "bad.txt")
@@ -219,7 +228,7 @@ def test_text_sources_name_where_texts_come_from(tmp_path, good_lines):
 
     from trkit import assets
 
-    srcs = corpus.text_sources(["validation"])
+    srcs = corpus.text_sources(["validation", "english"])  # english is already part of 'validation': once
     assert [s.name for s in srcs] == [f"tr-{k}" for k in assets.validation_files()] + ["english"]
     assert all(s.language == "Turkish" for s in srcs[:-1]) and srcs[-1].language == "English"
     assert "held-out validation split" in srcs[0].origin and "not a split that `trkit corpus` wrote" in srcs[0].note

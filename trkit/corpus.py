@@ -94,7 +94,7 @@ class CorpusConfig:
 # --------------------------------------------------------------------------------------------
 
 
-_COMPRESSED = ((b"\x1f\x8b", "gzip", gzip.open), (b"BZh", "bzip2", bz2.open), (b"\xfd7zXZ\x00", "xz", lzma.open))
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"\xfd7zXZ\x00", lzma.open))
 _ARCHIVES = ((b"PK\x03\x04", "a zip archive"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
              (b"7z\xbc\xaf\x27\x1c", "a 7z archive"))
 BOM = b"\xef\xbb\xbf"
@@ -112,15 +112,31 @@ def open_text_bytes(path: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
-        magic = f.read(8)
+        magic = f.read(10)
     for sig, what in _ARCHIVES:
         if magic.startswith(sig):
             raise ValueError(f"{path} is {what}: extract or decompress it first (trkit reads plain, gzip, bzip2 "
                              "and xz text files)")
-    for sig, _, opener in _COMPRESSED:
+    for sig, opener in _COMPRESSED:
         if magic.startswith(sig):
             return opener(path, "rb")
+    # bzip2: "BZh" + block size digit + the block (pi) or end-of-stream (sqrt pi) magic, so text that
+    # merely starts with "BZh" is not mistaken for it
+    if magic[:3] == b"BZh" and magic[3:4].isdigit() and magic[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return bz2.open(path, "rb")
     return open(path, "rb")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a truncated or corrupt compressed file's low-level error into one that names the file."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (EOFError, OSError, lzma.LZMAError) as exc:
+        raise ValueError(f"{path} could not be read to the end ({type(exc).__name__}: {exc}): the compressed "
+                         "file is truncated or damaged; re-download or re-compress it") from None
 
 
 def source_name(path: Path) -> str:
@@ -143,34 +159,27 @@ def _inner_suffix(path: Path) -> str:
 
 def _read_lines(path: Path, max_bytes: int, dropped: collections.Counter) -> Iterator[str]:
     """Lines of a file as str; over-long lines, invalid UTF-8 and NUL bytes are counted and skipped."""
-    try:
-        f = open_text_bytes(path)
-        with f:
-            while True:
-                line = f.readline(max_bytes + 1)
-                if not line:
-                    return
-                if len(line) > max_bytes and not line.endswith(b"\n"):
-                    dropped["too_long_line"] += 1
-                    while True:  # discard the rest of the line in bounded chunks
-                        rest = f.readline(max_bytes)
-                        if not rest or rest.endswith(b"\n"):
-                            break
-                    continue
-                if b"\x00" in line:
-                    dropped["nul_bytes"] += 1
-                    continue
-                if line.startswith(BOM):
-                    line = line[len(BOM):]
-                try:
-                    yield line.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError:
-                    dropped["invalid_utf8"] += 1
-    except (EOFError, OSError, lzma.LZMAError) as exc:
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise
-        raise ValueError(f"{path} could not be read to the end ({type(exc).__name__}: {exc}): "
-                         "the compressed file is truncated or damaged; re-download it") from None
+    with _reading(path), open_text_bytes(path) as f:
+        while True:
+            line = f.readline(max_bytes + 1)
+            if not line:
+                return
+            if len(line) > max_bytes and not line.endswith(b"\n"):
+                dropped["too_long_line"] += 1
+                while True:  # discard the rest of the line in bounded chunks
+                    rest = f.readline(max_bytes)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                continue
+            if b"\x00" in line:
+                dropped["nul_bytes"] += 1
+                continue
+            if line.startswith(BOM):
+                line = line[len(BOM):]
+            try:
+                yield line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                dropped["invalid_utf8"] += 1
 
 
 def iter_file(path: str | os.PathLike, config: CorpusConfig, dropped: collections.Counter,
@@ -623,7 +632,7 @@ def read_documents(path: str | os.PathLike, unit: str = "line", max_chars: int |
     if unit not in ("line", "file"):
         raise ValueError(f"unit must be 'line' or 'file', not {unit!r}")
     docs: list[str] = []
-    with open_text_bytes(path) as f:
+    with _reading(path), open_text_bytes(path) as f:
         if unit == "file":
             raw = f.read()
             if raw.startswith(BOM):
@@ -720,6 +729,8 @@ def text_sources(items: Iterable[str | os.PathLike], split: str = "validation", 
     out: dict[str, TextSource] = {}
 
     def add(src: TextSource) -> None:
+        if src.path is not None and any(o.path == src.path for o in out.values()):
+            return  # 'validation english' or a file named twice: measured once
         name = src.name
         if name in out:
             name = str(src.path) if src.path is not None else f"{name}#{len(out)}"

@@ -387,12 +387,17 @@ def run_cli(args: argparse.Namespace) -> int:
         group = [scores[s.name] for s in sources if s.language == language]
         totals[language] = {"sources": len(group), **sum(group[1:], group[0]).to_dict()}
     pooled = sum(list(scores.values())[1:], list(scores.values())[0])
-    report = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "files": per_source,
+    loaded = {"profile": profile.name, "device": profile.device,
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "load_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False))}
+    report = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "loaded": loaded, "files": per_source,
               "totals": totals, "pooled": pooled.to_dict(), "texts": {s.name: s.origin for s in sources},
               "notes": notes}
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0
+    print(f"{args.model} on profile {loaded['profile']} ({loaded['device']}, {loaded['dtype']}"
+          f"{', NF4 4-bit' if loaded['load_in_4bit'] else ''})")
     width = max(12, *(len(Path(n).name) for n in per_source), *(len(f"{g} (all)") for g in totals))
     print(f"{'text':<{width}} {'language':<8} {'chars':>10} {'tokens':>9} {'chars/tok':>9} {'BPC':>7} {'BPB':>7}")
     rows = [(Path(n).name, r) for n, r in per_source.items()] + [(f"{g} (all)", {**r, "language": g})
