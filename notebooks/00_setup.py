@@ -38,9 +38,19 @@ import subprocess
 import sys
 
 TRKIT_GIT = "git+https://github.com/trkit-dev/trkit.git"
+TRKIT_REF = "main"  # the tag or commit these notebooks were tested with, once one is published
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"trkit @ {TRKIT_GIT}",
-                    "-r", "https://raw.githubusercontent.com/trkit-dev/trkit/main/requirements-colab.txt"], check=True)
+    from importlib.metadata import version
+
+    before = version("transformers")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"trkit @ {TRKIT_GIT}@{TRKIT_REF}", "-r",
+                    f"https://raw.githubusercontent.com/trkit-dev/trkit/{TRKIT_REF}/requirements-colab.txt"], check=True)
+    if version("transformers") != before and "transformers" in sys.modules:
+        print(f"transformers was upgraded ({before} -> {version('transformers')}): the runtime restarts once now. "
+              "When it is back, run all cells again.")
+        import os
+
+        os.kill(os.getpid(), 9)
 
 # %% tags=["parameters"]
 profile = "auto"      # auto | cpu | t4 | a100 | gpu

@@ -1,7 +1,12 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -41,20 +46,30 @@ import subprocess
 import sys
 
 TRKIT_GIT = "git+https://github.com/trkit-dev/trkit.git"
+TRKIT_REF = "main"  # the tag or commit these notebooks were tested with, once one is published
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"trkit @ {TRKIT_GIT}",
-                    "-r", "https://raw.githubusercontent.com/trkit-dev/trkit/main/requirements-colab.txt"], check=True)
+    from importlib.metadata import version
+
+    before = version("transformers")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"trkit @ {TRKIT_GIT}@{TRKIT_REF}", "-r",
+                    f"https://raw.githubusercontent.com/trkit-dev/trkit/{TRKIT_REF}/requirements-colab.txt"], check=True)
+    if version("transformers") != before and "transformers" in sys.modules:
+        print(f"transformers was upgraded ({before} -> {version('transformers')}): the runtime restarts once now. "
+              "When it is back, run all cells again.")
+        import os
+
+        os.kill(os.getpid(), 9)
 
 # %% tags=["parameters"]
 profile = "auto"            # auto | cpu | t4 | a100 | gpu
 workdir = ""                # empty: Drive on Colab, ./trkit-work elsewhere
+smoke = False               # tiny sizes, same code path (the test suite)
 base_model = "auto"         # auto: the profile's model (GPU: Qwen/Qwen3-8B, cpu: SmolLM2-135M); or a dir / hub name
 vocab_dir = ""              # the tokenizer from notebook 01 (empty: <workdir>/vocab, learned now if missing)
-new_tokens = 20_000         # only used when the vocabulary has to be learned here
 init = "fvt"                # input rows: fvt | mean | random
 output_init = "fvt_offset"  # output rows: fvt_offset | fvt | first | mean | random
-eval_chars = 30_000         # characters of Turkish validation / English text to score (0: all)
-calibration_chars = 20_000  # Turkish calibration characters for fvt_offset (training split, never validation)
+eval_chars = None           # characters of Turkish validation / English text to score (None: the profile's plan)
+calibration_chars = None    # Turkish calibration characters for fvt_offset (training split, never validation)
 model_out = ""              # where the extended checkpoint goes (empty: <workdir>/model-ext). A free Drive holds
                             # 15 GB: for Qwen3-8B point this at local disk (/content/...) and copy what you need.
 
@@ -64,33 +79,31 @@ model_out = ""              # where the extended checkpoint goes (empty: <workdi
 # a checkpoint whose tokenizer is a different one.
 
 # %%
+import json
 from pathlib import Path
 
 import pandas as pd
-import torch
-from transformers import AutoTokenizer
 
-from trkit import colab, embeddings, evaluation, profiles, vocab
+from trkit import colab, embeddings, loading, plans, profiles, vocab
+from trkit.checkpoints import resolve_checkpoint
 
 prof = profiles.get_profile(profile)
 work = colab.default_workdir(workdir or None)
+sizes = plans.plan("embeddings", prof.name, smoke=smoke, eval_chars=eval_chars, calibration_chars=calibration_chars)
 model_name = prof.base_model if base_model == "auto" else base_model
-src = embeddings.resolve_checkpoint(model_name)  # offline alias, local dir, or hub snapshot
+src = resolve_checkpoint(model_name)  # offline alias, local dir, or hub snapshot
 vdir = Path(vocab_dir) if vocab_dir else work / "vocab"
 if not (vdir / "trkit_manifest.json").exists():
+    new_tokens = plans.plan("vocab", prof.name, smoke=smoke)["new_tokens"]
     print(f"no vocabulary at {vdir}: learning {new_tokens} tokens on the default corpus")
     vocab.extend_tokenizer(str(src), "default", new_tokens, vdir, overwrite=True)
 ext = embeddings.load_extension(vdir)
 embeddings.check_tokenizer_pair(ext, src)
-base_tok, ext_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(vdir)
-# CPUs with AVX512-BF16 run bf16 ~5x faster than fp32; T4s have no bf16.
-dtype = getattr(torch, "bfloat16" if prof.name == "cpu" else prof.dtype)
-import json
-
+base_tok, ext_tok = loading.load_tokenizer(src), loading.load_tokenizer(vdir)
 old_rows = json.loads((src / "config.json").read_text())["vocab_size"]
 pd.Series({"checkpoint": str(src), "tokenizer": str(vdir), "base vocabulary": ext.base_vocab_size,
            "new tokens": len(ext.new_ids), "rows": f"{old_rows} -> {ext.rows(old_rows)}",
-           "device / dtype": f"{prof.device} / {dtype}"},
+           "device / dtype": f"{prof.device} / {prof.dtype}" + (" (4-bit base)" if prof.load_in_4bit else "")},
           name="value").to_frame()
 
 # %% [markdown]
@@ -103,23 +116,10 @@ pd.Series({"checkpoint": str(src), "tokenizer": str(vdir), "base vocabulary": ex
 # %%
 import gc
 
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-
-def load(path, four_bit=False):
-    kw = {"dtype": dtype}
-    if four_bit:
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        kw["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    return model if four_bit else model.to(prof.device)
-
-
 offsets = None
 if output_init == "fvt_offset":
-    cal_tr, cal_en, train_docs = embeddings.default_calibration_text(turkish_chars=calibration_chars)
-    calib_model = load(src, four_bit=prof.load_in_4bit)
+    cal_tr, cal_en, train_docs = embeddings.default_calibration_text(turkish_chars=sizes["calibration_chars"])
+    calib_model, _ = loading.load_model(src, prof)
     offsets = embeddings.estimate_offset_stats(calib_model, ext, base_tok, ext_tok, cal_tr, cal_en,
                                                count_documents=train_docs, init=init, progress=True)
     del calib_model
@@ -133,7 +133,8 @@ if output_init == "fvt_offset":
 # ## 3. Checkpoint surgery
 # Only `embed_tokens` and `lm_head` are read; the shards holding them are rewritten tensor by tensor, the
 # others linked or copied; `config.json`, the index, the extended tokenizer and a manifest with hashes are
-# written beside them.
+# written beside them. On the cpu profile the demo's checkpoint is stored in bf16 (half the disk of the fp32
+# asset; the weights are a dequantised 4-bit model anyway).
 
 # %%
 import time
@@ -141,9 +142,10 @@ import time
 out = Path(model_out) if model_out else work / "model-ext"
 t = time.perf_counter()
 manifest = embeddings.extend_checkpoint(src, ext, out, init=init, output_init=output_init, offsets=offsets,
-                                        overwrite=True)
-print(f"{time.perf_counter() - t:.0f} s -> {out}")
-pd.Series({k: manifest[k] for k in ("old_rows", "rows", "init", "output_init", "untied")}
+                                        overwrite=True, dtype="bfloat16" if prof.name == "cpu" else None)
+size_gb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+print(f"{time.perf_counter() - t:.0f} s -> {out} ({size_gb:.2f} GB of weights)")
+pd.Series({k: manifest[k] for k in ("old_rows", "rows", "init", "output_init", "untied", "tie_decision")}
           | {"shards": ", ".join(f"{k}: {v}" for k, v in manifest["shards"].items())}, name="value").to_frame()
 
 # %% [markdown]
@@ -153,66 +155,62 @@ pd.Series({k: manifest[k] for k in ("old_rows", "rows", "init", "output_init", "
 # %%
 import matplotlib.pyplot as plt
 
-from trkit import assets
+from trkit import assets, evaluation, report
 
-
-def sample(docs, chars):
-    if not chars:
-        return docs
-    out, n = [], 0
-    for d in docs:
-        if n >= chars:
-            break
-        out.append(d)
-        n += len(d)
-    return out
-
-
-texts = {"Turkish validation": sample(evaluation.read_documents(assets.validation_file()), eval_chars),
-         "English": sample(evaluation.read_documents(assets.english_file()), eval_chars)}
+texts = {"Turkish validation": report.sample_documents(evaluation.read_documents(assets.validation_file()), sizes["eval_chars"]),
+         "English": report.sample_documents(evaluation.read_documents(assets.english_file()), sizes["eval_chars"])}
 scores = {}
+models = {}
 for name, (path, tok) in {"base": (src, base_tok), "extended": (out, ext_tok)}.items():
-    model = load(path, four_bit=prof.load_in_4bit).eval()
+    models[name], _ = loading.load_model(path, prof)
     for text_name, docs in texts.items():
-        s = evaluation.score_documents(model, tok, docs, desc=f"{name}/{text_name}")
+        s = evaluation.score_documents(models[name], tok, docs, desc=f"{name}/{text_name}")
         scores[(name, text_name)] = {"bits per char": s.bits_per_char, "tokens": s.tokens, "chars": s.chars}
-    if name == "base":
-        del model
-        gc.collect()
 table = pd.DataFrame(scores).T
-table.unstack(0)["bits per char"].plot.bar(figsize=(6, 3), title="bits per character (lower is better)", rot=0)
+table["tokens"] = table["tokens"].astype(int)
+table["chars"] = table["chars"].astype(int)
+ax = table["bits per char"].unstack(0).plot.bar(figsize=(6, 3), title="bits per character (lower is better)", rot=0)
+ax.set_ylabel("bits / character")
 plt.tight_layout()
 plt.show()
 table.round(4)
 
 # %% [markdown]
-# ## 5. Greedy continuations
-# Before any training the extended model already writes with its new tokens.
+# ## 5. Greedy continuations at init
+# The same Turkish prompts for both models. "new tokens" counts how many of the generated tokens are among the
+# added ones. At init the extended model rarely writes with them: its new output rows start deliberately
+# cautious (`fvt_offset` lowers them so they do not steal probability from English), and SmolLM2-135M (the cpu
+# demo's model) is small and English-centric, so its Turkish drifts. Training (notebook 04) is what teaches the
+# model to write with the new tokens; the same table there shows the change.
 
 # %%
-base_model_obj = load(src, four_bit=prof.load_in_4bit).eval()
-prompts = ["Türkiye'nin başkenti", "Öğrenciler için hazırlanmış", "The capital of France is"]
-rows = []
-for p in prompts:
-    row = {"prompt": p}
-    for name, (m, tok) in {"base": (base_model_obj, base_tok), "extended": (model, ext_tok)}.items():
-        ids = tok(p, return_tensors="pt").to(m.device)
-        with torch.no_grad():
-            gen = m.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-        row[name] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    rows.append(row)
-pd.DataFrame(rows).set_index("prompt")
+from trkit import generation
+
+prompts = generation.turkish_prompts(texts["Turkish validation"] if not smoke else evaluation.read_documents(assets.validation_file()),
+                                     2 if smoke else 4, words=6)
+gen_settings = generation.GenerationSettings(prompts=len(prompts), max_new_tokens=8 if smoke else 24, sample=False)
+rows = {}
+for name, tok in (("base", base_tok), ("extended", ext_tok)):
+    for c in generation.generate_continuations(models[name], tok, prompts, gen_settings, base_size=ext.base_vocab_size,
+                                               progress=False):
+        row = rows.setdefault(c.prompt, {})
+        row[name] = " ".join(c.text.split())  # one line per cell
+        row[f"{name}: new tokens"] = f"{c.new_tokens} of {c.content_tokens}"
+del models
+gc.collect()
+pd.set_option("display.max_colwidth", None)
+pd.DataFrame(rows).T.rename_axis("prompt")
 
 # %% [markdown]
 # ## 6. Saved
 # The extended checkpoint loads with plain `AutoModelForCausalLM.from_pretrained(dir)`; its manifest lists
-# every file's sha256 (re-checked here) and how the rows were initialised. Next: train the new rows (and
-# adapters) in the following notebooks, starting from this directory. For training only the new rows,
-# `embeddings.new_rows_peft_config(model, ext)` and `embeddings.new_rows_param_groups(...)` are ready-made.
+# every file's sha256 (re-checked here) and how the rows were initialised. Next: notebook 03 distils the base
+# model into it from an offline teacher cache, notebook 04 trains the new rows and adapters.
 
 # %%
 from trkit.artifacts import read_manifest
 
 m = read_manifest(out)
 pd.Series({"directory": str(out), "files": len(m["files"]), "vocab_size (padded rows)": m["rows"],
-           "offset scale": (m.get("offset_stats") or {}).get("scale")}, name="value").to_frame()
+           "offset scale": (m.get("offset_stats") or {}).get("scale"), "stored as": m.get("dtype") or "source dtype"},
+          name="value").to_frame()

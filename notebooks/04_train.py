@@ -6,6 +6,7 @@
 #     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -111,8 +112,7 @@ sizes = plans.plan("train", prof.name, smoke=smoke, rows_steps=rows_steps, adapt
 settings = {"adapter": adapter, "rank": rank, "optimizer": optimizer, "neftune_alpha": float(neftune_alpha),
             "lr": float(lr), "rows_lr": float(rows_lr), "embedding_lr": float(embedding_lr), **sizes}
 preflight = loading.preflight(model_path, prof, batch_size=sizes["batch_size"], seq_len=sizes["seq_len"],
-                              lora_rank=rank, new_tokens=span[1] - span[0], dora=adapter != "lora",
-                              optimizer="adamw8bit" if optimizer == "auto" and prof.name == "t4" else optimizer)
+                              lora_rank=rank, new_tokens=span[1] - span[0], dora=adapter != "lora", optimizer=optimizer)
 t4 = memory.estimate_for_profile("Qwen/Qwen3-8B", "t4", lora_rank=16, dora=True, new_tokens=20_000,
                                  vocab_size=(151_669 + 20_000 + 63) // 64 * 64, optimizer="adamw8bit")
 pd.DataFrame({

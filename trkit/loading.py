@@ -191,6 +191,8 @@ def preflight(
     prof = profile if isinstance(profile, Profile) else get_profile(profile, check_hardware=False)
     four_bit = prof.load_in_4bit if load_in_4bit is None else load_in_4bit
     weights = "nf4" if four_bit else ("fp16" if prof.dtype == "float16" else "bf16")
+    if optimizer == "auto":  # what trkit.train picks: 8-bit AdamW on a T4
+        optimizer = "adamw8bit" if prof.name == "t4" else "adamw"
     opt = {"adamw": "adamw", "adamw8bit": "adamw8bit", "paged_adamw8bit": "adamw8bit", "sophia": "sophiag"}.get(optimizer, optimizer)
     config = model_config(model)
     estimate = estimate_training_memory(

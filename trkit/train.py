@@ -146,6 +146,8 @@ class TrainConfig:
     distill: str | None = None
     kd_weight: float = 0.5
     kd_temperature: float = 1.0
+    kd_mode: str = "rest"  # trkit.distill.KD_MODES: rest | renormalized | uld
+    kd_chain_weight: float = 0.0
 
     def resolved(self, profile) -> "TrainConfig":
         """A copy with the profile's defaults filled in (batch, sequence length, accumulation, optimizer)."""
@@ -200,6 +202,12 @@ class TrainConfig:
             raise ValueError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
         if not self.kd_temperature > 0:
             raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_mode not in ("rest", "renormalized", "uld"):
+            raise ValueError(f"--kd-mode must be rest, renormalized or uld, got {self.kd_mode!r}")
+        if self.kd_chain_weight < 0:
+            raise ValueError(f"--kd-chain-weight must be >= 0, got {self.kd_chain_weight}")
+        if self.distill and self.loss == "full":
+            raise ValueError("--distill needs --loss chunked (the KD loss is computed from hidden states in chunks)")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"--warmup-steps must be in [0, --max-steps], got {self.warmup_steps}")
         for name in ("save_steps", "eval_steps", "eval_chars"):
@@ -758,6 +766,10 @@ def train(config: TrainConfig, on_log: Callable[[dict], None] | None = None) -> 
     from trkit.packing import document_stream, pack
     from trkit.profiles import get_profile, seed_everything
 
+    import warnings
+
+    # PEFT 0.21 asks transformers 5 for the deprecated name on every wrap; nothing for the user to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     t_start = time.perf_counter()
     config.validate()
     profile = get_profile(config.profile)
@@ -1198,6 +1210,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--distill", metavar="CACHE_DIR", help="knowledge distillation from a teacher cache (python -m trkit distill cache)")
     a("--kd-weight", type=o.unit_interval, default=d.kd_weight, help="weight of the KD term (1 - weight on cross-entropy)")
     a("--kd-temperature", type=o.positive_float, default=d.kd_temperature, help="KD temperature T (loss scaled by T^2)")
+    a("--kd-mode", choices=("rest", "renormalized", "uld"), default=d.kd_mode,
+      help="KD over the teacher's top-k: rest (+ one bucket for the remaining mass, exact), renormalized, or uld "
+           "(a teacher of another tokenizer family; see trkit.distill)")
+    a("--kd-chain-weight", type=o.nonnegative_float, default=d.kd_chain_weight,
+      help="weight of the chain-rule term on realised new tokens (extended student; 0: off)")
     a("--quiet", action="store_true", help="no progress bar")
 
 
