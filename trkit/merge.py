@@ -54,7 +54,7 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
                   overwrite: bool = False, max_shard_bytes: int = 4 << 30, progress: bool = True) -> Path:
     """Write ``out_dir``: ``base_dir``'s checkpoint with the adapter merged (see the module doc)."""
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit.artifacts import atomic_directory, write_manifest
 

@@ -278,7 +278,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 def pack_text(tokenizer, documents: Documents | Sequence[str], seq_len: int, *, separator_id: int | None = None,
               batch: int = 2000, progress: bool = False) -> Packed:
     """Pack running text (see the module doc). Raises if the text packs to zero blocks."""
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit.evaluation import document_prefix_id
 
@@ -334,7 +334,7 @@ def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
 
 def pack_chat(tokenizer, documents: Documents | Sequence[list[dict]], seq_len: int, *, progress: bool = False) -> Packed:
     """Pack conversations (see the module doc): loss only on assistant turns, never split across blocks."""
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; --format chat needs one (save it with the tokenizer)")
