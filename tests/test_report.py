@@ -1,0 +1,153 @@
+"""trkit.report: the evaluate stage (schema, files, tables) and its command line (bad input refused early)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trkit import report
+from trkit.cli import main
+
+SIZES = ["--turkish-chars", "1200", "--english-chars", "600", "--prompts", "2", "--prompt-words", "4",
+         "--max-new-tokens", "3", "--morph-items", "6", "--max-length", "64", "--profile", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ext_checkpoint(tmp_path_factory, tiny_qwen3_dir, qwen_ext):
+    """The tiny Qwen3 extended at init with the 64-token Turkish extension (trkit embed's surgery)."""
+    from trkit.embeddings import extend_checkpoint
+
+    out = tmp_path_factory.mktemp("ext-ckpt") / "tiny-tr64"
+    extend_checkpoint(tiny_qwen3_dir, qwen_ext, out, init="fvt", output_init="first", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_qwen3_dir, ext_checkpoint):
+    out = tmp_path_factory.mktemp("eval") / "report"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["evaluate", "--model", str(tiny_qwen3_dir), "--label", "base", "--model", str(ext_checkpoint),
+                     "--label", "ext", "--out", str(out), "--json", *SIZES])
+    assert code == 0
+    return out, json.loads(stdout.getvalue())
+
+
+def _fraction(x):
+    return x is None or 0.0 <= x <= 1.0
+
+
+def test_report_schema_and_files(cli_run):
+    out, printed = cli_run
+    on_disk = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert printed == on_disk
+    assert [m["label"] for m in on_disk["models"]] == ["base", "ext"]
+    for m in on_disk["models"]:
+        assert {"label", "model", "adapter", "bits_per_char", "tokens_per_word", "generation", "turkmorfbench"} <= set(m)
+        assert set(m["bits_per_char"]) >= {"turkish", "english"} and all(v > 0 for v in m["bits_per_char"].values())
+        assert set(m["tokens_per_word"]) == {"turkish", "english"}
+        g = m["generation"]
+        assert {"chars_per_s", "tokens_per_s", "chars_per_token", "new_token_share", "reference_new_token_share",
+                "turkish_share"} <= set(g)
+        assert all(_fraction(g[k]) for k in ("new_token_share", "reference_new_token_share", "turkish_share"))
+        assert g["continuations"] == 4 and len(g["samples"]) == 4  # 2 prompts, greedy + sampled
+        t = m["turkmorfbench"]
+        assert {"accuracy", "real", "nonce", "items"} <= set(t) and t["items"] == 6
+        assert all(_fraction(t[k]) for k in ("accuracy", "real", "nonce"))
+        assert m["lm_eval"] is None
+    base, ext = on_disk["models"]
+    # the extension spends fewer tokens on Turkish than the base tokenizer, and its encoding uses new ids
+    assert ext["tokens_per_word"]["turkish"] < base["tokens_per_word"]["turkish"]
+    assert ext["pct_fewer_tokens"]["turkish"] > 0 == base["pct_fewer_tokens"]["turkish"]
+    assert base["generation"]["reference_new_token_share"] == 0.0 < ext["generation"]["reference_new_token_share"]
+    assert base["generation"]["new_token_share"] == 0.0
+    assert on_disk["prompts"] == [s["prompt"] for s in base["generation"]["samples"][::2]]  # same prompts for both
+    assert on_disk["turkmorfbench_info"]["items"] == 6 and len(on_disk["turkmorfbench_info"]["leaderboard"]) == 17
+    for name in ["report.md", *report.PLOTS.values()]:
+        assert (out / name).stat().st_size > 0
+    from trkit.artifacts import read_manifest
+
+    assert read_manifest(out, verify=True)["stage"] == "evaluate"
+
+
+def test_markdown_tables(cli_run):
+    out, rep = cli_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.endswith(report.markdown_tables(rep))
+    for heading in ("Tokenizer and bits per character", "Generation", "TurkMorfBench (forced choice)", "per bucket"):
+        assert heading in md
+    row = next(line for line in md.splitlines() if line.startswith("| ext |"))
+    assert f"{rep['models'][1]['bits_per_char']['turkish']:.4f}" in row
+    assert "kanarya-2b 78.4" in md and "6 of the 1836 core items" in md
+    assert "not run on the cpu profile" in md
+
+
+def test_plots_are_figures(cli_run):
+    from matplotlib.figure import Figure
+
+    _, rep = cli_run
+    for plot in report.PLOTTERS.values():
+        assert isinstance(plot(rep), Figure)
+
+
+def test_sample_documents():
+    docs = [f"doc{i} " + "x" * i for i in range(50)]
+    picked = report.sample_documents(docs, 300)
+    assert 300 <= sum(map(len, picked)) < 300 + 60
+    assert picked == [d for d in docs if d in picked]  # file order kept
+    assert report.sample_documents(docs, 300) == picked  # seeded
+    assert report.sample_documents(docs, 0) == docs
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Bad input must be refused before any model is loaded."""
+    import trkit.loading
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(trkit.loading, "load_model", boom)
+    monkeypatch.setattr(trkit.loading, "load_tokenizer", boom)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}/o"], "no model to evaluate"),
+    (["--model", "qwen3-tiny", "--adapter", "{tmp}/nothing", "--out", "{tmp}/o"], "no adapter_config.json"),
+    (["--model", "qwen3-tiny", "--model", "qwen3-tiny", "--out", "{tmp}/o"], "--label NAME"),
+    (["--model", "{tmp}", "--out", "{tmp}/o"], "lies inside the input"),
+    (["--model", "qwen3-tiny", "--out", "{tmp}/exists"], "already exists"),
+    (["--model", "qwen3-tiny", "--text", "{tmp}/missing.txt", "--out", "{tmp}/o"], "no such text file"),
+])
+def test_bad_input_is_refused_early(argv, message, tmp_path, capsys, no_loading):
+    (tmp_path / "exists").mkdir()
+    code = main(["evaluate", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adapter", "x", "--model", "m", "--out", "o"], "put it after the --model"),
+    (["--model", "m", "--label", "a", "--label", "b", "--out", "o"], "--label given twice"),
+    (["--model", "m", "--morph-items", "-1", "--out", "o"], "must be an integer >= 0"),
+    (["--model", "m", "--prompts", "0", "--out", "o"], "must be an integer >= 1"),
+])
+def test_bad_options_are_parse_errors(argv, message, capsys, no_loading):
+    with pytest.raises(SystemExit) as err:
+        main(["evaluate", *argv])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_explicit_tasks_without_lm_eval_is_one_line(monkeypatch, tmp_path, capsys, no_loading):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    code = main(["evaluate", "--model", "qwen3-tiny", "--tasks", "xcopa_tr", "--out", str(tmp_path / "o"), "--profile", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "lm-evaluation-harness is not installed" in err and "pip install" in err
+    assert len(err.splitlines()) == 1
