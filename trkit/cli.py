@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("trkit.embeddings", "resize a checkpoint's embeddings and initialise the new rows"),
     "bpc": ("trkit.evaluation", "bits per character / per byte of a model on raw text"),
     "memory": ("trkit.memory", "pre-flight estimate of training memory per GPU profile"),
+    "distill": ("trkit.distill", "teacher cache for knowledge distillation (`distill cache`), exact across an extended vocabulary"),
     "train": ("trkit.train", "train the new-token rows and QLoRA/DoRA adapters (NEFTune, SophiaG, exact resume)"),
     "evaluate": ("trkit.report", "report per model: tokens/word, bits per char, generation speed, TurkMorfBench, lm-eval"),
 }
