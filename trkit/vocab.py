@@ -38,6 +38,31 @@ for 0.7 points less on the in-domain validation split. The morphology penalty ra
 word-internal boundaries that fall on suffix boundaries (0.110 -> 0.124) but costs fertility and
 unseen-register reduction under every rule, so it is off by default.
 
+Word-count sources. BPE training needs only word counts, so a source can also be a frequency table
+(``word<TAB>count`` lines: a user's own list, or the offline Turkish tables ``wordfreq`` and ``trnlp``
+of ``trkit.assets``). Its counts enter the pair statistics directly, without pseudo-text: each listed
+word ``w`` with count ``n`` is pre-tokenised as ``" " + w`` (inside running text a word carries its
+space) and every resulting piece gains ``n``. Each table is its own source in the balanced score,
+rescaled to ``table_weight`` times the mean word total of the running-text sources (trnlp's raw total,
+485 M occurrences, is 2,000 times the default corpus). The tables are lowercase and running text is
+not: ``table_casing="text"`` moves a share of each word's count to its capitalised form (Turkish İ/I
+rules), the share the running text shows for that word, shrunk towards the overall share of capitalised
+words (a prior worth ``CASE_PRIOR_WEIGHT`` occurrences); ``"lower"`` keeps the table as listed.
+TABLE_MEASUREMENT_PLACEHOLDER
+
+Candidates. ``candidates=`` (``--candidates FILE``: a SentencePiece ``.model`` / ``.vocab`` or a token
+list) makes the new tokens from an existing vocabulary instead of learning them
+(:func:`candidate_merges`): each candidate that the pre-tokeniser keeps in one piece gets the merges
+that build it from the base's byte-level tokens, most frequent candidates (in the corpus) first.
+CANDIDATE_MEASUREMENT_PLACEHOLDER
+
+Reading. Files are split into documents on "\n" only ("\r" before it is dropped; "\r", \x0b, \x0c,
+U+2028 and the like stay inside a document, as in ``trkit corpus``), a UTF-8 BOM at the start of a
+file is dropped, and lines longer than ``max_line_bytes`` or not valid UTF-8 are skipped and counted
+(``corpus_dropped`` in the manifest), so memory stays bounded whatever the input. Inputs of 64 MB or
+more are counted in worker processes (one per core, at most 4), since pre-tokenisation, not merging,
+is where the time goes on large corpora (``benchmarks/bench_vocab.py --part scale``).
+
 Data structures (why it is fast in pure Python): words are counted once (``collections.Counter``
 over the Rust pre-tokeniser's output); each (word, source) entry is a list of integer ids with a
 parallel list of junction weights; ``counts`` maps an integer pair key ``a * 2**21 + b`` to its
@@ -62,6 +87,7 @@ import collections
 import functools
 import hashlib
 import heapq
+import itertools
 import json
 import math
 import os
@@ -88,6 +114,15 @@ DEFAULT_MORPHOLOGY_PENALTY = 0.5
 DEFAULT_BALANCE_TOTAL = 1e5
 DEFAULT_WORD_EXPONENT = 1.0
 DEFAULT_BALANCE_EXPONENT = 0.5
+DEFAULT_MAX_LINE_BYTES = 4_000_000  # as trkit corpus: longer lines are skipped while reading, never held whole
+WORD_TABLES = ("wordfreq", "trnlp")  # the offline Turkish word-frequency tables (trkit.assets.word_table_file)
+DEFAULT_CORPUS_TABLES: tuple[str, ...] = WORD_TABLES  # the tables 'default' adds to the running text (measured, see above)
+SOURCE_NAMES = ("default", "default-text", *WORD_TABLES)
+DEFAULT_TABLE_WEIGHT = 1.0
+TABLE_CASINGS = ("lower", "text")
+DEFAULT_TABLE_CASING = "text"
+CASE_PRIOR_WEIGHT = 4.0
+DEFAULT_MAX_TABLE_WORDS = 200_000  # bounds the learner's memory (trnlp: its forms seen 58 times or more)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,54 +266,54 @@ def load_base(base: Any) -> BaseTokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def _iter_file_docs(path: Path) -> Iterator[str]:
-    """Documents of a file: one per line (.txt), the "text" field (.jsonl/.json lines), parquet "text"."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class WordCountTable:
+    """A word-frequency table as a corpus source: a UTF-8 file of ``word<TAB>count`` lines."""
 
-        for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
-            yield from (t for t in batch.column(0).to_pylist() if t)
-        return
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            if suffix in (".jsonl", ".json"):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    line = json.loads(line).get("text") or ""
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:  # invalid UTF-8 in the file: skip the line
-                continue
-            line = line.rstrip("\n")
-            if line.strip():
-                yield line
+    path: Path
+    name: str = ""
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.path.stem
 
 
-def _load_corpus_dir(path: Path) -> dict[str, list[str]]:
-    """A directory written by ``trkit corpus``: its train split, grouped by the ``source`` column."""
-    from datasets import load_from_disk
+def _default_text_files() -> dict[str, Path]:
+    from trkit.assets import corpus_files
 
-    ds = load_from_disk(str(path))
-    train = ds["train"] if hasattr(ds, "keys") and "train" in ds else ds
-    groups: dict[str, list[str]] = collections.defaultdict(list)
-    sources = train["source"] if "source" in train.column_names else ["corpus"] * len(train)
-    for text, src in zip(train["text"], sources):
-        groups[src].append(text)
-    return dict(groups)
+    return {k: Path(v) for k, v in corpus_files().items()}
 
 
-def corpus_sources(texts_or_files: Any) -> dict[str, Iterable[str] | Path]:
-    """Normalise the many accepted corpus forms to ``{source name: path or iterable of documents}``.
+def _word_table(name: str) -> WordCountTable:
+    from trkit.assets import word_table_file
 
-    Accepted: ``"default"`` (the offline corpus, one source per file), a path (file, or a directory
-    written by ``trkit corpus``), a list of paths (one source per file), a list of strings (texts, one
-    source), or a mapping ``{source: any of these}``.
+    return WordCountTable(Path(word_table_file(name)), name)
+
+
+def _named_sources(name: str) -> dict[str, Any]:
+    """'default' (the vocabulary stage's default corpus), 'default-text' (the running text only), or a table."""
+    if name == "default-text":
+        return dict(_default_text_files())
+    if name == "default":
+        return {**_default_text_files(), **{t: _word_table(t) for t in DEFAULT_CORPUS_TABLES}}
+    return {name: _word_table(name)}
+
+
+def _is_path(x: Any) -> bool:
+    return isinstance(x, os.PathLike) or (isinstance(x, str) and "\n" not in x and len(x) < 4096 and os.path.exists(x))
+
+
+def corpus_sources(texts_or_files: Any) -> dict[str, Iterable[str] | Path | WordCountTable]:
+    """Normalise the many accepted corpus forms to ``{source name: path, documents or WordCountTable}``.
+
+    Accepted: ``"default"`` (the offline running text, one source per file, plus the word-frequency
+    tables of ``DEFAULT_CORPUS_TABLES``), ``"default-text"`` (the running text only), ``"wordfreq"`` /
+    ``"trnlp"`` (one offline table), a path (a text/JSONL/parquet file, a ``.tsv`` of ``word<TAB>count``
+    lines, or a directory written by ``trkit corpus``), a list of these (one source per file), a list of
+    strings (texts, one source), a :class:`WordCountTable`, or a mapping ``{source: any of these}``.
     """
+    if isinstance(texts_or_files, WordCountTable):
+        return {texts_or_files.source_name: texts_or_files}
     if isinstance(texts_or_files, Mapping):
         out: dict[str, Any] = {}
         for k, v in texts_or_files.items():
@@ -288,35 +323,216 @@ def corpus_sources(texts_or_files: Any) -> dict[str, Iterable[str] | Path]:
             else:
                 out.update({f"{k}/{kk}": vv for kk, vv in sub.items()})
         return out
-    if isinstance(texts_or_files, str) and texts_or_files == "default":
-        from trkit.assets import corpus_files
-
-        return {k: Path(v) for k, v in corpus_files().items()}
+    if isinstance(texts_or_files, str) and texts_or_files in SOURCE_NAMES:
+        return _named_sources(texts_or_files)
     if isinstance(texts_or_files, (str, os.PathLike)):
         texts_or_files = [texts_or_files]
     items = list(texts_or_files)
     for x in items:
         if isinstance(x, str) and not os.path.exists(x) and not any(c.isspace() for c in x) \
-                and x.lower().endswith((".txt", ".jsonl", ".json", ".parquet")):
+                and x.lower().endswith((".txt", ".jsonl", ".json", ".parquet", ".tsv")):
             raise FileNotFoundError(f"{x}: no such file (pass existing corpus files, 'default', or texts)")
     if not items:
         raise ValueError("the corpus is empty: pass 'default', file paths, or a list of Turkish texts")
-    paths = [x for x in items if isinstance(x, os.PathLike) or (isinstance(x, str) and "\n" not in x and len(x) < 4096
-                                                                  and os.path.exists(x))]
+    named = [x for x in items if isinstance(x, str) and x in SOURCE_NAMES]
+    rest = [x for x in items if not (isinstance(x, str) and x in SOURCE_NAMES)]
+    if named and all(_is_path(x) or isinstance(x, WordCountTable) for x in rest):
+        out = {}
+        for n in named:
+            out.update(_named_sources(n))
+        for k, v in corpus_sources(rest).items() if rest else ():
+            out[k if k not in out else f"{k}-{len(out)}"] = v
+        return out
+    paths = [x for x in items if _is_path(x) or isinstance(x, WordCountTable)]
     if len(paths) == len(items):
         out = {}
-        for p in map(Path, paths):
+        for x in paths:
+            if isinstance(x, WordCountTable):
+                out[x.source_name if x.source_name not in out else str(x.path)] = x
+                continue
+            p = Path(x)
             if p.is_dir():
                 if not (p / "dataset_dict.json").exists() and not (p / "dataset_info.json").exists():
-                    raise ValueError(f"{p} is a directory but not a dataset written by `trkit corpus`")
-                out.update(_load_corpus_dir(p))
-            else:
-                key = p.stem if p.stem not in out else str(p)
-                out[key] = p
+                    raise ValueError(f"{p} is a directory but not a dataset written by `trkit corpus`; pass its "
+                                     "text files instead, or run `trkit corpus --input ... --out DIR` first")
+                for src, docs in _load_corpus_dir(p).items():
+                    out[src if src not in out else f"{p.name}/{src}"] = docs
+                continue
+            key = p.stem if p.stem not in out else str(p)
+            out[key] = WordCountTable(p, key) if p.suffix.lower() == ".tsv" else p
         return out
     if paths:
         raise ValueError("mix of file paths and texts: pass either paths or texts (or a dict {source: ...})")
     return {"texts": items}
+
+
+def _input_paths(texts_or_files: Any) -> list[str]:
+    """Every existing path among what the caller passed (for the --out checks; nothing is read)."""
+    if isinstance(texts_or_files, WordCountTable):
+        return [str(texts_or_files.path)]
+    if isinstance(texts_or_files, Mapping):
+        return [p for v in texts_or_files.values() for p in _input_paths(v)]
+    if isinstance(texts_or_files, (str, os.PathLike)):
+        return [os.fspath(texts_or_files)] if _is_path(texts_or_files) else []
+    if isinstance(texts_or_files, Iterable) and not isinstance(texts_or_files, (bytes, Iterator)):
+        return [p for x in texts_or_files if isinstance(x, (str, os.PathLike, WordCountTable)) for p in _input_paths(x)]
+    return []
+
+
+class _Progress:
+    """Bytes read so far, handed to a tqdm bar in steps of about 1 MB (a per-line update would cost more
+    than the counting)."""
+
+    def __init__(self, bar):
+        self.bar, self.pending = bar, 0
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.bar.update(self.pending)
+            self.pending = 0
+
+
+def _read_lines(path: Path, max_line_bytes: int, dropped: collections.Counter, progress: _Progress | None = None,
+                strict: bool = False) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a file split on b"\\n" only; a UTF-8 BOM at the start of the file and a
+    trailing "\\r" are dropped. Lines longer than ``max_line_bytes`` and lines that are not UTF-8 are
+    skipped and counted in ``dropped`` (with ``strict``: a ValueError naming the line), so no line is ever
+    held whole in memory beyond the cap."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            line = f.readline(max_line_bytes + 1)
+            if not line:
+                return
+            lineno += 1
+            if progress is not None:
+                progress.add(len(line))
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                while True:  # discard the rest of the line in bounded pieces
+                    rest = f.readline(1 << 20)
+                    if progress is not None:
+                        progress.add(len(rest))
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: line longer than {max_line_bytes:,} bytes (max_line_bytes)")
+                dropped["too_long_line"] += 1
+                continue
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+                dropped["invalid_utf8"] += 1
+                continue
+            yield lineno, text.rstrip("\r\n")
+
+
+def _iter_file_docs(path: Path, max_line_bytes: int = 0, dropped: collections.Counter | None = None,
+                    progress: _Progress | None = None) -> Iterator[str]:
+    """Documents of a file: one per line (.txt), the "text" field (.jsonl/.json lines), parquet "text"."""
+    max_line_bytes = max_line_bytes or DEFAULT_MAX_LINE_BYTES
+    dropped = collections.Counter() if dropped is None else dropped
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"{path} has no 'text' column (it has {pf.schema_arrow.names}); pass a parquet file "
+                             "with the documents in 'text'")
+        rows, size = max(pf.metadata.num_rows, 1), path.stat().st_size
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                if isinstance(t, str):
+                    if t.strip():
+                        yield t
+                elif t is not None:
+                    dropped["not_text"] += 1
+            if progress is not None:
+                progress.add(size * batch.num_rows // rows)
+        return
+    for _, line in _read_lines(path, max_line_bytes, dropped, progress):
+        if suffix in (".jsonl", ".json"):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                dropped["bad_json"] += 1
+                continue
+            line = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(line, str):
+                dropped["not_text"] += 1
+                continue
+        if line.strip():
+            yield line
+
+
+def _load_corpus_dir(path: Path) -> dict[str, list[str]]:
+    """A directory written by ``trkit corpus``: its train split, grouped by the ``source`` column."""
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # a damaged or half-written dataset directory
+        raise ValueError(f"{path}: cannot be read as a `trkit corpus` dataset ({type(exc).__name__}: {exc}); "
+                         "re-run `trkit corpus` to write it again") from None
+    train = ds["train"] if hasattr(ds, "keys") and "train" in ds else ds
+    if "text" not in train.column_names:
+        raise ValueError(f"{path}: its train split has no 'text' column; pass a directory written by `trkit corpus`")
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    sources = train["source"] if "source" in train.column_names else ["corpus"] * len(train)
+    for text, src in zip(train["text"], sources):
+        groups[src].append(text)
+    return dict(groups)
+
+
+def read_word_counts(path: str | os.PathLike, max_words: int | None = None,
+                     max_line_bytes: int = 0) -> tuple[dict[str, int], dict]:
+    """A ``word<TAB>count`` file -> ``({word: count}, stats)``, its ``max_words`` most frequent words.
+
+    Strict: a line without exactly one tab, an empty word, or a count that is not a non-negative
+    integer is a ValueError naming the file and line. Blank lines are skipped, a word listed twice
+    gets the sum of its counts, words with count 0 are left out; a table with no positive count is an
+    error. ``stats``: lines, distinct words, kept words and their total count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such word-count file (expected word<TAB>count lines)")
+    counts: dict[str, int] = {}
+    lines = 0
+    for lineno, line in _read_lines(path, max_line_bytes or DEFAULT_MAX_LINE_BYTES, collections.Counter(), strict=True):
+        if not line.strip():
+            continue
+        lines += 1
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'word<TAB>count', got {line[:80]!r} "
+                             f"({len(fields)} tab-separated fields)")
+        word, count = fields[0].strip(), fields[1].strip()
+        if not word:
+            raise ValueError(f"{path}:{lineno}: empty word before the tab")
+        if not (count.isascii() and count.isdigit()):
+            what = "negative" if count[:1] == "-" and count[1:].isascii() and count[1:].isdigit() else "not an integer"
+            raise ValueError(f"{path}:{lineno}: count {count[:40]!r} of {word[:40]!r} is {what}; counts must be "
+                             "non-negative integers")
+        n = int(count)
+        if n:
+            counts[word] = counts.get(word, 0) + n
+    if not counts:
+        raise ValueError(f"{path}: the word-count table is empty (no line 'word<TAB>count' with a count > 0)")
+    distinct = len(counts)
+    if max_words is not None and distinct > max_words:
+        counts = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:max_words])  # stable: file order on ties
+    return counts, {"lines": lines, "distinct_words": distinct, "words": len(counts), "total": sum(counts.values())}
 
 
 @dataclass
@@ -326,8 +542,15 @@ class WordCounts:
     sources: list[str]
     counts: list[collections.Counter]  # one Counter per source: word -> count
     corpus_sha256: str
-    documents: list[int]
+    documents: list[int]  # running text: documents read; word-count table: words kept
     bytes: list[int]
+    kinds: list[str] = field(default_factory=list)  # "text" or "word counts", per source
+    dropped: dict[str, int] = field(default_factory=dict)  # lines skipped while reading, by reason
+    tables: dict[str, dict] = field(default_factory=dict)  # per word-count source: read_word_counts stats
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            self.kinds = ["text"] * len(self.sources)
 
     def total(self) -> collections.Counter:
         c: collections.Counter = collections.Counter()
@@ -336,40 +559,242 @@ class WordCounts:
         return c
 
 
-def count_words(base: BaseTokenizer, texts_or_files: Any, progress: bool = True) -> WordCounts:
-    """Normalise and pre-tokenise every document exactly as ``base`` does, counting words per source."""
+def _count_docs(normalizer, pre_tokenizer, docs: list[str]) -> collections.Counter:
+    words: list[str] = []
+    for doc in docs:
+        if normalizer is not None:
+            doc = normalizer.normalize_str(doc)
+        words.extend(w for w, _ in pre_tokenizer.pre_tokenize_str(doc))
+    return collections.Counter(words)
+
+
+_WORKER: tuple = ()
+
+
+def _worker_init(tokenizer_json: str) -> None:
+    global _WORKER
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    _WORKER = (tok.normalizer, tok.pre_tokenizer)
+
+
+def _worker_count(docs: list[str]) -> collections.Counter:
+    return _count_docs(*_WORKER, docs)
+
+
+def _auto_workers(n_bytes: int) -> int:
+    """Worker processes for counting: one per core (at most 4) for inputs of 64 MB or more, else none
+    (starting the workers costs about a second)."""
+    if n_bytes < 64 << 20:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def _capitalise(word: str) -> str:
+    from trkit.turkish import upper
+
+    return upper(word[:1]) + word[1:]
+
+
+def _case_shares(text: Mapping[str, float]) -> tuple[float, Any]:
+    """From running text: the overall share of capitalised words, and a per-word share with that prior."""
+    dec = byte_decoder()
+    cap = low = 0
+    for w, n in text.items():
+        if len(w) > 1 and w[0] == "Ġ" and w[1] in dec:  # a space-led word; its first letter decides
+            try:
+                first = bytes(dec[c] for c in w[1:5]).decode("utf-8", errors="ignore")[:1]
+            except KeyError:
+                continue
+            if first.isupper():
+                cap += n
+            elif first.islower():
+                low += n
+    prior = cap / (cap + low) if cap + low else 0.0
+
+    def share(lower_piece: str, upper_piece: str) -> float:
+        c, lo = text.get(upper_piece, 0), text.get(lower_piece, 0)
+        return (c + CASE_PRIOR_WEIGHT * prior) / (c + lo + CASE_PRIOR_WEIGHT)
+
+    return prior, share
+
+
+def table_word_counts(
+    base: BaseTokenizer,
+    path: str | os.PathLike,
+    text_counts: Mapping[str, float] | None = None,
+    *,
+    casing: str = DEFAULT_TABLE_CASING,
+    max_words: int | None = DEFAULT_MAX_TABLE_WORDS,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> tuple[collections.Counter, dict]:
+    """A ``word<TAB>count`` table as pre-tokenised word counts: each word ``w`` with count ``n`` adds ``n``
+    to every piece of ``" " + w``; with ``casing="text"`` the share of ``w`` that ``text_counts`` (running
+    text's pre-tokenised word counts) shows capitalised goes to the pieces of the capitalised form."""
+    from trkit.artifacts import sha256_file
+
+    if casing not in TABLE_CASINGS:
+        raise ValueError(f"table_casing must be one of {TABLE_CASINGS}, got {casing!r}")
+    counts, stats = read_word_counts(path, max_words, max_line_bytes)
+    normalizer, pre = base.backend.normalizer, base.backend.pre_tokenizer
+
+    def pieces(word: str) -> list[str]:
+        text = " " + word
+        return [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text) if normalizer is not None else text)]
+
+    prior, share = _case_shares(text_counts) if casing == "text" and text_counts else (0.0, None)
+    c: collections.Counter = collections.Counter()
+    for word, n in counts.items():
+        low = pieces(word)
+        if share is not None and low:
+            cap_word = _capitalise(word)
+            if cap_word != word:
+                cap = pieces(cap_word)
+                p = share(low[0], cap[0])
+                for w in cap:
+                    c[w] += n * p
+                n = n * (1 - p)
+        for w in low:
+            c[w] += n
+    stats = {**stats, "sha256": sha256_file(path), "casing": casing}
+    if share is not None:
+        stats["capitalised_share_prior"] = round(prior, 4)
+    return c, stats
+
+
+def count_words(
+    base: BaseTokenizer,
+    texts_or_files: Any,
+    progress: bool = True,
+    *,
+    max_line_bytes: int = 0,
+    max_table_words: int | None = 0,
+    table_casing: str = "",
+    workers: int | None = None,
+) -> WordCounts:
+    """Normalise and pre-tokenise every document exactly as ``base`` does, counting words per source.
+
+    Running-text sources come first (in worker processes for large inputs, ``workers``: None = auto,
+    1 = in this process); each word-count table then adds its counts to the pieces of " word" (see the
+    module docstring), with ``table_casing`` "lower" (as listed) or "text" (a share moved to the
+    capitalised form, taken from the running text). A progress bar shows the bytes read.
+    """
     from tqdm.auto import tqdm
 
+    max_line_bytes = max_line_bytes or DEFAULT_MAX_LINE_BYTES
+    max_table_words = DEFAULT_MAX_TABLE_WORDS if max_table_words == 0 else max_table_words
+    table_casing = table_casing or DEFAULT_TABLE_CASING
+    if table_casing not in TABLE_CASINGS:
+        raise ValueError(f"table_casing must be one of {TABLE_CASINGS}, got {table_casing!r}")
+    if max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be >= 1, got {max_line_bytes}")
     sources = corpus_sources(texts_or_files)
+    text_names = sorted(n for n, s in sources.items() if not isinstance(s, WordCountTable))
+    table_names = sorted(n for n, s in sources.items() if isinstance(s, WordCountTable))
+    sizes = [(s.path if isinstance(s, WordCountTable) else s).stat().st_size if isinstance(s, (Path, WordCountTable))
+             else None for s in sources.values()]
+    text_bytes = sum(sz or 0 for n, sz in zip(sources, sizes) if n in text_names)
+    n_workers = _auto_workers(text_bytes) if workers is None else max(1, workers)
     normalizer, pre = base.backend.normalizer, base.backend.pre_tokenizer
-    h = hashlib.sha256()
-    names, counters, ndocs, nbytes = [], [], [], []
-    bar = tqdm(total=len(sources), desc="counting words", unit="source", disable=not progress)
-    for name in sorted(sources):
-        src = sources[name]
-        docs = _iter_file_docs(src) if isinstance(src, Path) else iter(src)
-        c: collections.Counter = collections.Counter()
-        h.update(f"\x00source\x00{name}\x00".encode("utf-8"))
-        n = b = 0
-        for doc in docs:
-            if not isinstance(doc, str):
-                raise ValueError(f"source {name!r} yielded a {type(doc).__name__}, expected str documents")
-            raw = doc.encode("utf-8", errors="surrogatepass")
-            h.update(raw + b"\n")
-            n += 1
-            b += len(raw)
-            if normalizer is not None:
-                doc = normalizer.normalize_str(doc)
-            c.update([w for w, _ in pre.pre_tokenize_str(doc)])
-        names.append(name)
-        counters.append(c)
-        ndocs.append(n)
-        nbytes.append(b)
-        bar.update(1)
+    bar = tqdm(total=None if None in sizes else sum(sizes), desc="counting words", unit="B", unit_scale=True,
+               disable=not progress, mininterval=0.5)
+    prog = _Progress(bar)
+    dropped: collections.Counter = collections.Counter()
+    per_source: dict[str, tuple[collections.Counter, int, int, str]] = {}  # counts, documents, bytes, sha256
+
+    # 1. running text, in batches of characters (4 M per task in worker processes: fewer, larger results to merge)
+    pool = None
+    batch_chars = 1 << 20 if n_workers == 1 else 4 << 20
+    if n_workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # fork where there is one (Linux, Colab): a spawned worker would re-run a script's main module
+        methods = multiprocessing.get_all_start_methods()
+        pool = concurrent.futures.ProcessPoolExecutor(
+            n_workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else "spawn"),
+            initializer=_worker_init,
+            initargs=(json.dumps(base.tokenizer_json, ensure_ascii=False),))
+    try:
+        for name in text_names:
+            src = sources[name]
+            docs = _iter_file_docs(src, max_line_bytes, dropped, prog) if isinstance(src, Path) else iter(src)
+            h = hashlib.sha256()
+            c: collections.Counter = collections.Counter()
+            pending: list = []
+            n = b = 0
+            batch: list[str] = []
+            chars = 0
+            for doc in itertools.chain(docs, [None]):
+                if doc is not None:
+                    if not isinstance(doc, str):
+                        raise ValueError(f"source {name!r} yielded a {type(doc).__name__}, expected str documents")
+                    try:
+                        raw = doc.encode("utf-8")
+                    except UnicodeEncodeError:  # lone surrogates in a Python string: not text
+                        dropped["invalid_utf8"] += 1
+                        continue
+                    if not isinstance(src, Path):
+                        if not doc.strip():
+                            continue
+                        prog.add(len(raw))
+                    h.update(raw + b"\n")
+                    n += 1
+                    b += len(raw)
+                    batch.append(doc)
+                    chars += len(doc)
+                    if chars < batch_chars:
+                        continue
+                if not batch:
+                    continue
+                if pool is None:
+                    c.update(_count_docs(normalizer, pre, batch))
+                else:
+                    pending.append(pool.submit(_worker_count, batch))
+                    while len(pending) >= 2 * n_workers or (doc is None and pending):
+                        c.update(pending.pop(0).result())
+                batch, chars = [], 0
+            per_source[name] = (c, n, b, h.hexdigest())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    # 2. word-count tables: " word" pre-tokenised, each piece gets the word's count
+    text_total: collections.Counter = collections.Counter()
+    if table_names and table_casing == "text":
+        for name in text_names:
+            text_total.update(per_source[name][0])
+    tables: dict[str, dict] = {}
+    for name in table_names:
+        table = sources[name]
+        c, stats = table_word_counts(base, table.path, text_total, casing=table_casing, max_words=max_table_words,
+                                     max_line_bytes=max_line_bytes)
+        prog.add(table.path.stat().st_size)
+        tables[name] = stats
+        per_source[name] = (c, stats["words"], table.path.stat().st_size, stats["sha256"])
+    prog.flush()
     bar.close()
-    if not any(counters):
-        raise ValueError("the corpus is empty (no non-blank documents were read): check the paths / texts you passed")
-    return WordCounts(names, counters, h.hexdigest(), ndocs, nbytes)
+
+    names = sorted(per_source)
+    if not any(per_source[n][0] for n in names):
+        why = f" ({sum(dropped.values())} lines dropped: {_dropped_text(dropped)})" if dropped else ""
+        raise ValueError(f"the corpus is empty (no non-blank documents were read){why}: check the paths / texts "
+                         "you passed")
+    h = hashlib.sha256()
+    for name in names:  # one hash over every source: its name, then its documents' (or table's) hash
+        h.update(f"\x00source\x00{name}\x00{per_source[name][3]}".encode("utf-8"))
+    return WordCounts(names, [per_source[n][0] for n in names], h.hexdigest(), [per_source[n][1] for n in names],
+                      [per_source[n][2] for n in names],
+                      ["word counts" if n in tables else "text" for n in names], dict(dropped), tables)
+
+
+def _dropped_text(dropped: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,9 +890,13 @@ def learn_merges(
     balance_exponent: float = DEFAULT_BALANCE_EXPONENT,
     min_frequency: int = 2,
     word_exponent: float = DEFAULT_WORD_EXPONENT,
+    table_weight: float = DEFAULT_TABLE_WEIGHT,
     progress: bool = True,
 ) -> LearnedMerges:
-    """Greedy continued BPE over ``words`` starting from ``base``'s segmentation (see module docstring)."""
+    """Greedy continued BPE over ``words`` starting from ``base``'s segmentation (see module docstring).
+
+    Word-count tables among the sources are rescaled first (:func:`source_factors`).
+    """
     from tqdm.auto import tqdm
 
     if selection not in SELECTIONS:
@@ -480,6 +909,10 @@ def learn_merges(
         raise ValueError(f"word_exponent must be in (0, 1], got {word_exponent}")
     if not 0 < morphology_penalty <= 1:
         raise ValueError(f"morphology_penalty must be in (0, 1], got {morphology_penalty}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}: a merge needs a pair seen at least once")
+    if not table_weight > 0:
+        raise ValueError(f"table_weight must be > 0, got {table_weight}")
     model = base.backend.model
     vocab = base.backend.get_vocab(with_added_tokens=True)
     id_to_str = {i: s for s, i in vocab.items()}
@@ -498,9 +931,13 @@ def learn_merges(
     seqs: list[list[int]] = []
     weights: list[list[float]] = []
     src_of: list[int] = []
+    factors = source_factors(words, table_weight)
     for s_index, counter in enumerate(words.counts):
         s = s_index if balanced else 0
+        factor = factors[s_index]
         for w, f in counter.items():
+            if factor != 1:
+                f = f * factor
             if word_exponent != 1:
                 f = f**word_exponent
             ids = seg[w]
@@ -636,14 +1073,201 @@ def learn_merges(
     bar.update(len(merges) - bar.n)
     bar.close()
     stopped = len(merges) < n_new_tokens
-    if stopped:
-        warnings.warn(
-            f"only {len(merges)} new tokens could be learned (asked for {n_new_tokens}): the corpus has no more "
-            f"pairs seen at least {min_frequency} times. Use a larger corpus or fewer new tokens.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     return LearnedMerges(merges, strings, first_new, skipped_existing, skipped_unreachable, stopped)
+
+
+def source_factors(words: WordCounts, table_weight: float = DEFAULT_TABLE_WEIGHT) -> list[float]:
+    """Multiplier of each source's counts: 1 for running text; a word-count table is rescaled to
+    ``table_weight`` times the mean word total of the running-text sources (left as it is when there is
+    no running text)."""
+    totals = [sum(c.values()) for c in words.counts]
+    text = [t for t, k in zip(totals, words.kinds) if k == "text" and t > 0]
+    if not text:
+        return [1.0] * len(totals)
+    target = table_weight * sum(text) / len(text)
+    return [target / t if k != "text" and t > 0 else 1.0 for t, k in zip(totals, words.kinds)]
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate tokens from an existing vocabulary (SentencePiece model / vocab, or a token list)
+# --------------------------------------------------------------------------------------------
+
+
+def read_candidates(path: str | os.PathLike) -> list[str]:
+    """Candidate token texts: the pieces of a SentencePiece ``.model`` (control, unknown and byte pieces
+    left out) or ``.vocab`` (``piece<TAB>score`` lines), or any other text file with one token per line
+    (spaces are part of the token). SentencePiece's word-start mark U+2581 becomes a space."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such candidates file (a SentencePiece .model/.vocab or one token per line)")
+    pieces: list[str] = []
+    if path.suffix == ".model":
+        import sentencepiece as spm
+
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as exc:  # sentencepiece raises OSError / RuntimeError on a bad file
+            raise ValueError(f"{path}: not a SentencePiece model ({exc}); pass a .model written by "
+                             "sentencepiece, its .vocab, or a text file with one token per line") from None
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                  if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+    else:
+        for lineno, line in _read_lines(path, DEFAULT_MAX_LINE_BYTES, collections.Counter(), strict=True):
+            if path.suffix == ".vocab":
+                piece, tab, score = line.partition("\t")
+                if not tab:
+                    raise ValueError(f"{path}:{lineno}: expected 'piece<TAB>score' (a SentencePiece .vocab), got "
+                                     f"{line[:80]!r}")
+                line = piece
+            if line:
+                pieces.append(line)
+    out = list(dict.fromkeys(p.replace("\u2581", " ") for p in pieces))
+    if not out:
+        raise ValueError(f"{path}: holds no candidate tokens")
+    return out
+
+
+@dataclass
+class CandidateMerges(LearnedMerges):
+    candidates: dict[str, int] = field(default_factory=dict)  # what happened to the candidates, by outcome
+
+
+def candidate_merges(
+    base: BaseTokenizer,
+    words: WordCounts,
+    candidates: Iterable[str],
+    n_new_tokens: int,
+    *,
+    min_frequency: int = 2,
+    table_weight: float = DEFAULT_TABLE_WEIGHT,
+    progress: bool = True,
+) -> CandidateMerges:
+    """Turn candidate tokens into appended merges on ``base``'s byte-level tokens.
+
+    A candidate is kept if the base pre-tokeniser leaves it in one piece (no merge can cross a
+    pre-token boundary) and it is not in the vocabulary yet. Its *corpus frequency* is how often its
+    base segmentation occurs inside the segmentations of the corpus's words (weighted by the words'
+    counts, tables rescaled as in ``learn_merges``). In that order, most frequent first, each candidate
+    gets the merges that build it from its current segmentation (base merges plus the merges appended so
+    far): at each step the adjacent pair whose concatenation is most frequent in the corpus, unless its
+    string already exists or would not encode to itself, until the candidate is one token. A candidate
+    that cannot be built, or whose merges would pass ``n_new_tokens``, is rolled back and skipped.
+    Every merge is appended, so ids, coarsening, round trips and reachability hold as for learned merges.
+    """
+    from tqdm.auto import tqdm
+
+    if n_new_tokens < 1:
+        raise ValueError(f"n_new_tokens must be >= 1, got {n_new_tokens}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    model, normalizer, pre = base.backend.model, base.backend.normalizer, base.backend.pre_tokenizer
+    vocab = base.backend.get_vocab(with_added_tokens=True)
+    id_to_str = {i: s for s, i in vocab.items()}
+    first_new = len(base)
+    outcome: collections.Counter = collections.Counter()
+
+    # 1. candidates -> base segmentations (one pre-token each, not in the vocabulary)
+    segs: dict[tuple[int, ...], str] = {}
+    for text in candidates:
+        outcome["read"] += 1
+        pieces = pre.pre_tokenize_str(normalizer.normalize_str(text) if normalizer is not None else text)
+        if len(pieces) != 1:
+            outcome["crosses_pretokenizer"] += 1
+            continue
+        s = pieces[0][0]
+        if s in vocab:
+            outcome["already_in_vocabulary"] += 1
+            continue
+        seg = tuple(t.id for t in model.tokenize(s))
+        if seg in segs:
+            outcome["duplicate"] += 1
+            continue
+        segs[seg] = s
+    # 2. corpus frequency of every candidate and of every contiguous part of one (possible intermediates)
+    needed: set[tuple[int, ...]] = set()
+    for seg in segs:
+        for i in range(len(seg) - 1):
+            for j in range(i + 2, len(seg) + 1):
+                needed.add(seg[i:j])
+    starts = {t[:2] for t in needed}
+    longest = max((len(t) for t in needed), default=2)
+    freq: collections.Counter = collections.Counter()
+    factors = source_factors(words, table_weight)
+    weight: collections.Counter = collections.Counter()
+    for counter, k in zip(words.counts, factors):
+        for w, f in counter.items():
+            weight[w] += f * k
+    for w, f in weight.items():
+        ids = tuple(t.id for t in model.tokenize(w))
+        for i in range(len(ids) - 1):
+            if ids[i : i + 2] not in starts:
+                continue
+            for j in range(i + 2, min(len(ids), i + longest) + 1):
+                part = ids[i:j]
+                if part in needed:
+                    freq[part] += f
+    ranked = sorted(segs, key=lambda seg: -freq[seg])  # stable: file order among equal frequencies
+
+    # 3. build each candidate from its current segmentation, most frequent first
+    ranks: dict[int, tuple[int, int]] = {}
+    merges: list[tuple[int, int]] = []
+    strings: list[str] = []
+    parts: dict[int, tuple[int, ...]] = {}  # new id -> its base ids
+    known = set(vocab)
+    bar = tqdm(total=n_new_tokens, desc="candidate merges", unit="merge", disable=not progress, mininterval=0.5)
+    for seg in ranked:
+        if len(merges) >= n_new_tokens:
+            outcome["over_budget"] += 1
+            continue
+        if freq[seg] < min_frequency:
+            outcome["below_min_frequency"] += 1
+            continue
+        target = segs[seg]
+        if target in known:  # built meanwhile, as a part of a longer candidate
+            outcome["built_as_part"] += 1
+            continue
+        start = len(merges)
+        cur = _apply_merges(list(seg), ranks)
+        while len(cur) > 1:
+            options = sorted(range(len(cur) - 1), key=lambda i: -freq[parts.get(cur[i], (cur[i],))
+                                                                      + parts.get(cur[i + 1], (cur[i + 1],))])
+            for i in options:
+                a, b = cur[i], cur[i + 1]
+                s = id_to_str[a] + id_to_str[b]
+                if s in known:
+                    continue
+                new_id = first_new + len(merges)
+                k = a * _KEY + b
+                ranks[k] = (len(merges), new_id)
+                if _apply_merges([t.id for t in model.tokenize(s)], ranks) != [new_id]:
+                    del ranks[k]
+                    continue
+                merges.append((a, b))
+                strings.append(s)
+                id_to_str[new_id] = s
+                known.add(s)
+                parts[new_id] = parts.get(a, (a,)) + parts.get(b, (b,))
+                break
+            else:  # no pair can be merged: roll this candidate back
+                cur = None
+                break
+            cur = _apply_merges(list(seg), ranks)
+        if cur is None or len(merges) > n_new_tokens:
+            outcome["unreachable" if cur is None else "over_budget"] += 1
+            for j in range(len(merges) - 1, start - 1, -1):
+                a, b = merges.pop()
+                del ranks[a * _KEY + b]
+                known.discard(strings.pop())
+                parts.pop(first_new + j, None)
+                id_to_str.pop(first_new + j, None)
+            continue
+        outcome["used"] += 1
+        outcome["intermediate_tokens"] += len(merges) - start - 1
+        bar.update(len(merges) - start)
+    bar.close()
+    stopped = len(merges) < n_new_tokens
+    return CandidateMerges(merges, strings, first_new, outcome["already_in_vocabulary"], outcome["unreachable"],
+                           stopped, dict(outcome))
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,6 +1311,7 @@ class VocabExtension:
     new_tokens: list[dict]
     manifest: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # input lines skipped while reading, by reason
 
     def load(self):
         from transformers import AutoTokenizer
@@ -709,37 +1334,96 @@ def extend_tokenizer(
     balance_exponent: float = DEFAULT_BALANCE_EXPONENT,
     word_exponent: float = DEFAULT_WORD_EXPONENT,
     min_frequency: int = 2,
+    table_weight: float = DEFAULT_TABLE_WEIGHT,
+    table_casing: str = DEFAULT_TABLE_CASING,
+    max_table_words: int | None = DEFAULT_MAX_TABLE_WORDS,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    candidates: str | os.PathLike | None = None,
+    allow_fewer: bool = False,
+    workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> VocabExtension:
     """Learn ``n_new_tokens`` Turkish merges on top of ``base`` and save a tokenizer directory.
 
     ``base``: 'qwen3' / 'smollm2' (offline), a directory, a hub name, or a loaded fast tokenizer.
-    ``texts_or_files``: see ``corpus_sources``. The directory loads with plain
-    ``AutoTokenizer.from_pretrained(out_dir)``; ``trkit_manifest.json`` records the base tokenizer's
-    sha256 and fingerprint, the corpus sha256, the parameters and every new token with its parents.
+    ``texts_or_files``: see ``corpus_sources``. With ``candidates`` (a SentencePiece .model/.vocab or a
+    token list) the new tokens are those candidates (:func:`candidate_merges`) instead of learned merges.
+    Fewer new tokens than asked is an error unless ``allow_fewer`` (then a RuntimeWarning); none at all
+    is always an error. ``out_dir`` is checked before any work (trkit.options.check_output: not an input,
+    not inside one, an existing one only with ``overwrite`` and only if trkit wrote it).
+    The directory loads with plain ``AutoTokenizer.from_pretrained(out_dir)``; ``trkit_manifest.json``
+    records the base tokenizer's sha256 and fingerprint, the corpus sha256 and sources (lines dropped
+    while reading included), the parameters and every new token with its parents.
     """
-    from trkit.artifacts import atomic_directory, atomic_write_text, write_manifest
+    from trkit.artifacts import atomic_directory, atomic_write_text, sha256_file, write_manifest
+    from trkit.options import check_output
 
     t0 = time.perf_counter()
-    if out_dir is not None and Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass overwrite=True "
-                              "(--overwrite) to replace it")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    for label, value, ok in (("n_new_tokens", n_new_tokens, n_new_tokens >= 1), ("min_frequency", min_frequency, min_frequency >= 1),
+                             ("max_line_bytes", max_line_bytes, max_line_bytes >= 1),
+                             ("max_table_words", max_table_words, max_table_words is None or max_table_words >= 1),
+                             ("table_weight", table_weight, table_weight > 0),
+                             ("balance_exponent", balance_exponent, 0 <= balance_exponent <= 1),
+                             ("word_exponent", word_exponent, 0 < word_exponent <= 1),
+                             ("morphology_penalty", morphology_penalty, 0 < morphology_penalty <= 1)):
+        if not ok:
+            raise ValueError(f"{label} = {value} is out of range (see help(trkit.vocab.extend_tokenizer))")
+    if table_casing not in TABLE_CASINGS:
+        raise ValueError(f"table_casing must be one of {TABLE_CASINGS}, got {table_casing!r}")
+    inputs = _input_paths(texts_or_files) + [os.fspath(x) for x in (base, candidates) if isinstance(x, (str, os.PathLike))]
+    if out_dir is not None:
+        check_output(out_dir, inputs=inputs, overwrite=overwrite)
     b = load_base(base)
+    candidate_texts = read_candidates(candidates) if candidates is not None else None
     t1 = time.perf_counter()
-    words = count_words(b, texts_or_files, progress=progress)
+    words = count_words(b, texts_or_files, progress=progress, max_line_bytes=max_line_bytes,
+                        max_table_words=max_table_words, table_casing=table_casing, workers=workers)
     t2 = time.perf_counter()
-    learned = learn_merges(b, words, n_new_tokens, selection=selection, morphology=morphology,
-                           morphology_penalty=morphology_penalty, balance_total=balance_total,
-                           balance_exponent=balance_exponent, word_exponent=word_exponent,
-                           min_frequency=min_frequency, progress=progress)
+    if candidate_texts is not None:
+        learned: LearnedMerges = candidate_merges(b, words, candidate_texts, n_new_tokens, min_frequency=min_frequency,
+                                                  table_weight=table_weight, progress=progress)
+    else:
+        learned = learn_merges(b, words, n_new_tokens, selection=selection, morphology=morphology,
+                               morphology_penalty=morphology_penalty, balance_total=balance_total,
+                               balance_exponent=balance_exponent, word_exponent=word_exponent,
+                               min_frequency=min_frequency, table_weight=table_weight, progress=progress)
     t3 = time.perf_counter()
+    if len(learned.merges) < n_new_tokens:
+        why = (f"no more usable candidates ({_dropped_text(learned.candidates)})" if candidate_texts is not None
+               else f"the corpus has no more pairs seen at least {min_frequency} times")
+        msg = f"only {len(learned.merges)} new tokens could be made (asked for {n_new_tokens}): {why}"
+        if words.dropped:
+            msg += f"; {sum(words.dropped.values())} input lines were dropped while reading ({_dropped_text(words.dropped)})"
+        if not learned.merges:
+            raise ValueError(msg + ". Use a larger corpus (or more candidates); nothing was written.")
+        if not allow_fewer:
+            raise ValueError(msg + ". Use a larger corpus, fewer new tokens, or allow_fewer=True (--allow-fewer) to "
+                             "save what was made; nothing was written.")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     tj = extended_tokenizer_json(b, learned)
     id_to_str = {i: s for s, i in tj["model"]["vocab"].items()}
     new_tokens = [
         {"id": learned.first_new_id + j, "token": s, "left": id_to_str[a], "right": id_to_str[r]}
         for j, ((a, r), s) in enumerate(zip(learned.merges, learned.strings))
     ]
+    sources = {}
+    for n, kind, d, by in zip(words.sources, words.kinds, words.documents, words.bytes):
+        sources[n] = ({"kind": kind, **words.tables[n]} if n in words.tables
+                      else {"kind": kind, "documents": d, "bytes": by})
+    parameters = dict(n_new_tokens=n_new_tokens, selection=selection, morphology=morphology,
+                      morphology_penalty=morphology_penalty, balance_total=balance_total,
+                      balance_exponent=balance_exponent, word_exponent=word_exponent, min_frequency=min_frequency,
+                      table_weight=table_weight, table_casing=table_casing, max_table_words=max_table_words,
+                      max_line_bytes=max_line_bytes, allow_fewer=allow_fewer)
+    if candidates is not None:
+        parameters["candidates"] = {"file": Path(candidates).name, "sha256": sha256_file(candidates)}
+    learned_info = dict(n_new_tokens=len(new_tokens), stopped_early=learned.stopped_early,
+                        skipped_existing=learned.skipped_existing, skipped_unreachable=learned.skipped_unreachable)
+    if isinstance(learned, CandidateMerges):
+        learned_info["candidates"] = learned.candidates
     fields = dict(
         base_tokenizer=b.name,
         base_tokenizer_sha256=b.sha256,
@@ -747,18 +1431,15 @@ def extend_tokenizer(
         base_vocab_size=len(b),
         extended_vocab_size=len(b) + len(new_tokens),
         corpus_sha256=words.corpus_sha256,
-        corpus_sources={n: {"documents": d, "bytes": by} for n, d, by in zip(words.sources, words.documents, words.bytes)},
-        parameters=dict(n_new_tokens=n_new_tokens, selection=selection, morphology=morphology,
-                        morphology_penalty=morphology_penalty, balance_total=balance_total,
-                        balance_exponent=balance_exponent, word_exponent=word_exponent,
-                        min_frequency=min_frequency),
-        learned=dict(n_new_tokens=len(new_tokens), stopped_early=learned.stopped_early,
-                     skipped_existing=learned.skipped_existing, skipped_unreachable=learned.skipped_unreachable),
+        corpus_sources=sources,
+        corpus_dropped=words.dropped,
+        parameters=parameters,
+        learned=learned_info,
         new_tokens=new_tokens,
     )
     manifest: dict = fields
     if out_dir is not None:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        with atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
             for name in TOKENIZER_FILES:
                 src = b.directory / name
                 if src.is_file():
@@ -773,7 +1454,7 @@ def extend_tokenizer(
     t4 = time.perf_counter()
     seconds = dict(load_base=t1 - t0, count_words=t2 - t1, learn_merges=t3 - t2, save=t4 - t3, total=t4 - t0)
     return VocabExtension(Path(out_dir) if out_dir is not None else None, len(b), len(new_tokens), n_new_tokens,
-                          new_tokens, manifest, seconds)
+                          new_tokens, manifest, seconds, dict(words.dropped))
 
 
 def new_token_constituents(ext_dir: str | os.PathLike) -> dict[int, list[int]]:
@@ -801,48 +1482,76 @@ def new_token_constituents(ext_dir: str | os.PathLike) -> dict[int, list[int]]:
 
 
 def add_arguments(parser) -> None:
+    from trkit.options import nonnegative_int, open_unit_interval, positive_float, positive_int, unit_interval
+
     parser.add_argument("--base", default="qwen3", help="base tokenizer: qwen3 | smollm2 | directory | hub name")
     parser.add_argument("--corpus", nargs="+", default=["default"],
-                        help="'default' (offline Turkish corpus), text/JSONL/parquet files, or a `trkit corpus` directory")
-    parser.add_argument("--new-tokens", type=int, default=20000, help="number of new tokens (merges) to learn")
+                        help="'default' (offline Turkish running text + the word-frequency tables "
+                             f"{', '.join(DEFAULT_CORPUS_TABLES) or '(none)'}), 'default-text' (the running text only), "
+                             "'wordfreq' / 'trnlp' (one offline table), text/JSONL/parquet files, word<TAB>count .tsv "
+                             "files, or a `trkit corpus` directory")
+    parser.add_argument("--new-tokens", type=positive_int, default=20000, help="number of new tokens (merges) to make")
     parser.add_argument("--out", required=True, help="output directory (AutoTokenizer.from_pretrained loads it)")
+    parser.add_argument("--candidates", metavar="FILE",
+                        help="make the new tokens from these candidates instead of learning merges: a SentencePiece "
+                             ".model or .vocab, or a text file with one token per line (ranked by corpus frequency)")
     parser.add_argument("--selection", choices=SELECTIONS, default=DEFAULT_SELECTION,
                         help="pair score: plain frequency, or source-balanced sum of log1p counts")
     parser.add_argument("--morphology", action=argparse.BooleanOptionalAction, default=DEFAULT_MORPHOLOGY,
                         help="discourage merges across Turkish stem|suffix boundaries")
-    parser.add_argument("--morphology-penalty", type=float, default=DEFAULT_MORPHOLOGY_PENALTY,
+    parser.add_argument("--morphology-penalty", type=open_unit_interval, default=DEFAULT_MORPHOLOGY_PENALTY,
                         help="weight of a pair occurrence that crosses a stem|suffix boundary (0<p<=1)")
-    parser.add_argument("--balance-exponent", type=float, default=DEFAULT_BALANCE_EXPONENT,
+    parser.add_argument("--balance-exponent", type=unit_interval, default=DEFAULT_BALANCE_EXPONENT,
                         help="balanced selection: scale source s by (mean total / its total)**exponent "
                              "(1 = every source the same total, 0 = no rescaling)")
-    parser.add_argument("--word-exponent", type=float, default=DEFAULT_WORD_EXPONENT,
+    parser.add_argument("--word-exponent", type=open_unit_interval, default=DEFAULT_WORD_EXPONENT,
                         help="a word seen f times counts f**exponent (1 = plain counts, 0.5 = square-root damping)")
-    parser.add_argument("--min-frequency", type=int, default=2, help="ignore pairs seen fewer times")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--min-frequency", type=positive_int, default=2, help="ignore pairs seen fewer times (>= 1)")
+    parser.add_argument("--table-weight", type=positive_float, default=DEFAULT_TABLE_WEIGHT,
+                        help="a word-count table counts as this many typical running-text sources")
+    parser.add_argument("--table-casing", choices=TABLE_CASINGS, default=DEFAULT_TABLE_CASING,
+                        help="word-count tables: 'lower' = as listed; 'text' = move a share of each word's count to "
+                             "its capitalised form, as often as the running text capitalises it")
+    parser.add_argument("--max-table-words", type=positive_int, default=DEFAULT_MAX_TABLE_WORDS,
+                        help="keep only this many most frequent words of each word-count table (bounds memory)")
+    parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="skip (and count) input lines longer than this (bounds memory)")
+    parser.add_argument("--workers", type=nonnegative_int, default=0,
+                        help="processes for counting words (0 = auto: one per core, at most 4, for inputs >= 64 MB)")
+    parser.add_argument("--allow-fewer", action="store_true",
+                        help="save the extension even when fewer new tokens than --new-tokens could be made")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory written by trkit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_cli(args) -> int:
-    corpus: Any = args.corpus
-    if corpus == ["default"]:
-        corpus = "default"
-    else:
-        missing = [c for c in corpus if not Path(c).exists()]
-        if missing:
-            raise FileNotFoundError(f"corpus path(s) not found: {', '.join(missing)}; pass existing files or 'default'")
+    corpus: Any = list(args.corpus)
+    missing = [c for c in corpus if c not in SOURCE_NAMES and not Path(c).exists()]
+    if missing:
+        raise FileNotFoundError(f"corpus path(s) not found: {', '.join(missing)}; pass existing files, 'default', "
+                                f"'default-text', or a table name ({', '.join(WORD_TABLES)})")
+    if args.candidates is not None and not Path(args.candidates).is_file():
+        raise FileNotFoundError(f"--candidates {args.candidates}: no such file")
+    corpus = corpus[0] if len(corpus) == 1 else [c if c in SOURCE_NAMES else Path(c) for c in corpus]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = extend_tokenizer(args.base, corpus, args.new_tokens, args.out, selection=args.selection,
                                   morphology=args.morphology, morphology_penalty=args.morphology_penalty,
                                   balance_exponent=args.balance_exponent, word_exponent=args.word_exponent,
-                                  min_frequency=args.min_frequency, overwrite=args.overwrite, progress=not args.quiet)
+                                  min_frequency=args.min_frequency, table_weight=args.table_weight,
+                                  table_casing=args.table_casing, max_table_words=args.max_table_words,
+                                  max_line_bytes=args.max_line_bytes, candidates=args.candidates,
+                                  allow_fewer=args.allow_fewer, workers=args.workers or None,
+                                  overwrite=args.overwrite, progress=not args.quiet)
     for w in caught:
         print(f"warning: {w.message}")
     learned = result.manifest["learned"]
+    dropped = (f"; dropped {sum(result.dropped.values())} input lines ({_dropped_text(result.dropped)})"
+               if result.dropped else "")
     print(
         f"wrote {result.out_dir}: {result.n_new_tokens} new tokens (ids {result.base_vocab_size}.."
         f"{result.base_vocab_size + result.n_new_tokens - 1}), vocabulary {result.base_vocab_size + result.n_new_tokens}; "
         f"skipped {learned['skipped_existing']} pairs already in the vocabulary, {learned['skipped_unreachable']} "
-        f"unreachable; {result.seconds['total']:.1f} s"
+        f"unreachable{dropped}; {result.seconds['total']:.1f} s"
     )
     return 0
