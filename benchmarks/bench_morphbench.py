@@ -9,7 +9,8 @@ Measures, in one run on the same machine, for one model (default SmolLM2-135M, t
     ``trkit.morphbench.select_items`` picks), wall time;
   * the difference in points (goal: within 1) and the speed ratio package / trkit.
 
-Both sides run with the same number of torch threads (``--threads``, default 1: on a 2-core machine
+Wall and CPU seconds are both recorded, with the load average before and after each side. Both sides
+run with the same number of torch threads (``--threads``, default 1: on a 2-core machine
 shared with other jobs, OpenMP threads that spin-wait for a busy core make a forward several times
 slower, for both sides alike).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,9 +39,11 @@ def run_trkit(model_dir: str, dtype: str, items: int, batch_size: int) -> dict:
     from trkit.loading import load_model
 
     model, tok = load_model(model_dir, "cpu", dtype=dtype)
-    t0 = time.perf_counter()
+    load0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
     summary = morphbench.evaluate(model, tok, n_items=items, batch_size=batch_size, progress=False)
     summary["seconds"] = time.perf_counter() - t0
+    summary["cpu_seconds"] = time.process_time() - c0
+    summary["load_average"] = [load0, os.getloadavg()[0]]
     return summary
 
 
@@ -54,9 +58,12 @@ def run_package(model_dir: str, dtype: str, items: int, threads: int) -> dict:
         cmd = [sys.executable, "-m", "turkmorfbench", "olc", "--model", model_dir, "--dtype", dtype, "--kip", "secim",
                "--tokenizer-kapat", "--cikti", str(out)] + (["--en-fazla", str(items)] if items else [])
         env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": str(threads)}
-        t0 = time.perf_counter()
+        load0, t0 = os.getloadavg()[0], time.perf_counter()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_seconds = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)  # model loading included
         if proc.returncode != 0:
             raise RuntimeError(f"turkmorfbench olc failed ({proc.returncode}): {proc.stderr[-2000:]}")
         kesit = json.loads(out.read_text(encoding="utf-8"))["rapor"]["kesit"]
@@ -71,6 +78,8 @@ def run_package(model_dir: str, dtype: str, items: int, threads: int) -> dict:
         "buckets": {k[len("kova: "):]: {"accuracy": v[2] / 100, "items": v[1]} for k, v in kesit.items()
                     if k.startswith("kova: ")},
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "load_average": [load0, os.getloadavg()[0]],
     }
 
 
@@ -102,11 +111,14 @@ def main() -> int:
         "machine": f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end): "
                    "compare ratios, not seconds",
         "trkit": {k: trkit_side[k] for k in ("accuracy", "real", "nonce", "items", "correct", "interval95", "buckets",
-                                              "errors", "seconds")},
+                                              "errors", "seconds", "cpu_seconds", "load_average")},
         "package": package_side,
         "difference_points": diff,
         "within_1_point": abs(diff["accuracy"]) <= 1.0,
         "speedup_trkit_vs_package": package_side["seconds"] / trkit_side["seconds"],
+        # CPU time is less sensitive than wall time to other jobs on a shared machine (the package's includes
+        # its interpreter start and model load, a few seconds)
+        "cpu_speedup_trkit_vs_package": package_side["cpu_seconds"] / trkit_side["cpu_seconds"],
         "note": "the package takes the log-softmax in the model dtype, trkit in float32 (trkit.morphbench docstring)",
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)

@@ -162,7 +162,7 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], settings: G
                            base_size: int | None = None, progress: bool = True, desc: str = "generate") -> list[Continuation]:
     """Greedy (and sampled) continuations of every prompt, each ``generate`` call timed alone."""
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
     from transformers import GenerationConfig
 
     from trkit.evaluation import document_prefix_id

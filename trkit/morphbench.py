@@ -171,7 +171,7 @@ def score_items(model, tokenizer, items: Sequence[dict], *, batch_size: int = 32
                 desc: str = "TurkMorfBench") -> list[ItemResult]:
     """Forced choice on every item (module doc): one :class:`ItemResult` per item, in order."""
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit.evaluation import _nll_of_batch  # the windowed scorer of bits per character (float32 log-softmax)
 

@@ -101,7 +101,7 @@ class EvalSizes:
 # measure the whole validation split, the whole core set and the lm-eval tasks.
 PROFILE_SIZES: dict[str, EvalSizes] = {
     "cpu": EvalSizes(turkish_chars=20_000, english_chars=10_000, prompts=5, max_new_tokens=48, morph_items=300,
-                     max_length=256, batch_size=8),
+                     max_length=256, batch_size=32),
     # lm-eval on a T4 (Qwen3-8B in 4-bit) takes the first 100 documents of each task (of each of Global-MMLU's
     # 57 subjects) so the four tasks fit a free Colab session (not timed here: no GPU); the A100 runs them whole.
     "t4": EvalSizes(turkish_chars=0, english_chars=50_000, prompts=10, max_new_tokens=128, morph_items=0,
