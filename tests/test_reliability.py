@@ -567,4 +567,8 @@ def test_notebook_kernel_starts_without_the_tcp_warning(tmp_path, capfd):
 
     outputs = [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
     assert any("3" in o.get("text", "") for o in outputs)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00_tiny.ipynb"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00_tiny.ipynb"]  # no socket files left
+    if os.name == "posix":  # unique absolute socket names: two runs in one directory cannot collide
+        config = notebooks._kernel_transport()["config"]
+        assert config.KernelManager.transport == "ipc" and Path(config.KernelManager.ip).is_absolute()
+        assert config.KernelManager.ip != notebooks._kernel_transport()["config"].KernelManager.ip

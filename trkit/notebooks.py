@@ -99,16 +99,24 @@ def run_notebook(name: str, out_dir: Path, parameters: dict, directory: Path | N
 def _kernel_transport() -> dict:
     """Talk to the kernel over Unix sockets where possible: ipykernel warns on every start ("Kernel is
     running over TCP without encryption ...") and the IPC transport it recommends needs no open port.
-    Unix socket paths are limited to ~107 bytes, so a long Jupyter runtime path keeps TCP."""
+    The sockets get a unique name in Jupyter's runtime directory (jupyter_client would otherwise use a
+    relative ``kernel-ipc-N`` in the notebook's working directory, shared by concurrent runs); Unix
+    socket paths are limited to ~107 bytes, so a long runtime path keeps TCP."""
     if os.name != "posix":
         return {}
+    import uuid
+
     from jupyter_core.paths import jupyter_runtime_dir
     from traitlets.config import Config
 
-    if len(jupyter_runtime_dir()) > 50:  # + "/kernel-<uuid>-ipc-<n>" must stay under the limit
+    runtime = Path(jupyter_runtime_dir())
+    ip = runtime / f"trkit-kernel-{uuid.uuid4().hex[:12]}"
+    if len(str(ip)) > 90:  # + "-N" per socket must stay under the limit
         return {}
+    runtime.mkdir(parents=True, exist_ok=True)
     config = Config()
     config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(ip)
     return {"config": config}
 
 
