@@ -121,7 +121,13 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, limit: int | float | No
         raise ValueError("no lm-eval tasks given")
     manager = manager or task_manager(include_path, include_defaults)
     check_tasks(tasks, manager)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its warning that a model object (not a name) was passed is what we mean to do
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        hf_log.setLevel(level)
     was_training = model.training
     model.eval()
     try:
