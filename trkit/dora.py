@@ -284,7 +284,7 @@ class DoRALinear(nn.Module):
             return self.base_layer(x)
         bias = self.base_layer.bias
         A = self.lora_A.weight
-        dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
         x_lora = x.to(A.dtype)
         if dropout_active:
             x_lora = self.lora_dropout(x_lora)
