@@ -236,7 +236,7 @@ def score_documents(
     ``max_length`` defaults to min(1024, the model's context); ``stride`` to half of it.
     """
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if not documents:
         raise ValueError("no documents to score")
