@@ -401,7 +401,7 @@ def test_cache_cli_checks_before_loading(tiny_qwen3_dir, mix_file, tmp_path):
 @pytest.mark.slow
 def test_smollm2_exactness_and_real_rows(smollm2_dir, tmp_path, monkeypatch):
     """SmolLM2 (real weights) as its own teacher: the extended student with -inf new rows has KD 0 where the context
-    holds no new token; with its real (fvt_offset-free `fvt`) rows the loss is positive there."""
+    holds no new token; with its real (`fvt`) rows the loss is positive there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trkit import assets
@@ -445,4 +445,9 @@ def test_smollm2_exactness_and_real_rows(smollm2_dir, tmp_path, monkeypatch):
     assert worst < 1e-3
     monkeypatch.setattr(losses, "chunk_logits", original)
     real = kd.per_position(hidden, parts, batch["labels"], batch["block_index"])
-    assert (real["kd"][exact] > worst).mean() > 0.9 and np.nanmean(real["kd"]) > 10 * worst
+    turkish = real["valid"] & ~exact
+    print(f"SmolLM2 real rows: mean KD {real['kd'][exact].mean():.2e} there, {real['kd'][turkish].mean():.2e} where "
+          "the context holds new tokens")
+    # positive (new tokens take some mass even in English contexts), far more so in Turkish ones
+    assert (real["kd"][exact] > -2 * worst).all() and real["kd"][exact].mean() > 100 * worst
+    assert real["kd"][turkish].mean() > 10 * real["kd"][exact].mean()

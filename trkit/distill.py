@@ -10,7 +10,8 @@ teacher position ``p`` (the distribution of the token after ``p``, temperature 1
   tokenizer's ``len(tokenizer)`` ids (embedding padding rows are never produced by the tokenizer and
   are left out), sorted, fp16;
 * the log-probability of the realised next token and the log of the remaining mass
-  ``log(1 - sum_topk p_T)`` (fp16, computed from the fp32 log-probabilities, not by subtraction);
+  ``log sum_{o not in topk} p_T(o)`` (fp16; summed directly in fp32, since ``1 - sum_topk`` loses a
+  small remainder, which matters once it is tempered);
 * the token's UTF-8 byte length (0 for the document separator), from which its document and end byte
   (``trkit.packing.Packed.doc`` / ``end_byte``) are rebuilt exactly.
 
@@ -53,7 +54,8 @@ Losses (per labelled student position i; ``w`` = ``--kd-weight``, ``T`` = ``--kd
   full-vocabulary fp32 logits never exist at once.
 * ``--kd-mode rest`` (default): the KL of the (k + 1)-outcome coarsening, the teacher's top-k ids and
   one "rest" bucket: ``KL = sum_{o in topk + rest} q(o) log(q(o) / s(o))`` with ``q`` the stored
-  teacher values and ``s`` the student's mapped mass on the same k ids and on everything else; at
+  teacher values (renormalised: fp16 rounding) and ``s`` the student's mapped mass on the same k ids
+  and, summed directly (a masked logsumexp), on everything else; at
   ``T != 1`` both (k + 1)-vectors are tempered (``softmax(log v / T)``: the teacher's tail is not
   stored, so temperature is applied after coarsening, on both sides alike). A proper KL: >= 0, and 0
   when the student is the teacher, at every T.
@@ -493,7 +495,8 @@ def _compute_shard(model, plan: dict, layout: Layout, shard: dict, stream: np.nd
     path = out / SHARD_DIR / shard["file"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": str(CACHE_FORMAT), "first_piece": str(q_lo)})
+        # one metadata key: safetensors writes a metadata map in hash order, which differs between processes
+        save_file(tensors, str(tmp), metadata={"trkit": json.dumps({"format": CACHE_FORMAT, "first_piece": q_lo})})
     artifacts.atomic_write_json(_sidecar(path), {**{k: shard[k] for k in ("file", "first_piece", "pieces", "positions")},
                                                  "sha256": artifacts.sha256_file(path)})
 
@@ -852,11 +855,13 @@ class DistillLoss:
         ok &= self.cache.history_start(jj) <= self.block_start[blocks]
         return np.where(ok, j, -1)
 
-    def masked_share(self) -> float:
-        """Share of the packed corpus's labelled positions without a teacher (over every block)."""
+    def masked_share(self, max_blocks: int = 4096) -> float:
+        """Share of the packed corpus's labelled positions without a teacher (over at most ``max_blocks``
+        evenly spaced blocks)."""
         n_blocks, T = self.packed.input_ids.shape
-        blocks = np.repeat(np.arange(n_blocks), T - 1)
-        t = np.tile(np.arange(T - 1), n_blocks)
+        chosen = np.unique(np.linspace(0, n_blocks - 1, min(n_blocks, max_blocks)).round().astype(np.int64))
+        blocks = np.repeat(chosen, T - 1)
+        t = np.tile(np.arange(T - 1), len(chosen))
         lab = self.packed.labels[blocks, t + 1] != -100
         j = self._align(blocks[lab], t[lab])
         return float((j < 0).mean()) if j.size else 0.0
