@@ -1,5 +1,7 @@
 """Every notebook's .py/.ipynb pair is in sync, and every notebook runs headless on the cpu profile."""
 
+import json
+
 import nbformat
 import pytest
 
@@ -36,8 +38,14 @@ def test_runner_names_the_failing_cell(tmp_path):
 
 @pytest.mark.parametrize("name", notebooks.list_notebooks())
 def test_notebook_runs_headless_on_cpu(name, tmp_path_factory):
+    """Every notebook, in order, on the cpu profile with the smoke sizes (same code paths, tiny sizes);
+    the demo (README's first command) runs the same notebooks at the cpu profile's real sizes."""
     out = tmp_path_factory.getbasetemp() / "notebook-run"  # shared: later notebooks read earlier ones' work
-    path = notebooks.run_notebooks([name], "cpu", out)[0]
+    path = notebooks.run_notebooks([name], "cpu", out, extra={"smoke": True})[0]
     nb = nbformat.read(path, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    # headless runs leave readable text progress, not widget state (issue 15)
+    widgets = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not widgets, f"{name}: {len(widgets)} progress widgets saved in a headless run"
+    assert "\ufffd" not in json.dumps(nb, ensure_ascii=False), f"{name}: a replacement character is displayed"
