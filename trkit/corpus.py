@@ -389,7 +389,7 @@ def prepare_corpus(
 
     Every input file and ``out_dir`` are checked before any work (``trkit.options.check_output``).
     """
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit.artifacts import atomic_directory, sha256_file
     from trkit.options import check_output
@@ -478,7 +478,7 @@ def _filter_into(work, sources, documents, config, dropped, per_source, tqdm, pr
     kept: collections.Counter = collections.Counter()
     with contextlib.ExitStack() as stack:
         files = {s: stack.enter_context(open(work / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
-        bar = stack.enter_context(tqdm(desc="preparing corpus", unit="doc", disable=not progress, mininterval=0.5))
+        bar = stack.enter_context(tqdm(desc="preparing corpus", unit="doc", disable=not progress))
         for name, src in sources.items():
             c = per_source.setdefault(name, collections.Counter())
             drops: collections.Counter = collections.Counter()
