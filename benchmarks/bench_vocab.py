@@ -253,15 +253,15 @@ RULES = {
 # made from a SentencePiece model's pieces (trained on the same running text) instead of learned merges
 VARIANTS = {
     "running text only": dict(tables=()),
-    "+ wordfreq": dict(tables=("wordfreq",)),
-    "+ trnlp": dict(tables=("trnlp",)),
-    "+ both tables": dict(tables=("wordfreq", "trnlp")),
-    "+ both tables, cased from text": dict(tables=("wordfreq", "trnlp"), table_casing="text"),
-    "+ both tables, 200k words each": dict(tables=("wordfreq", "trnlp"), max_table_words=200_000),
-    "+ both tables, cased from text, 200k words each": dict(tables=("wordfreq", "trnlp"), table_casing="text",
-                                                            max_table_words=200_000),
-    "+ both tables, weight 3": dict(tables=("wordfreq", "trnlp"), table_weight=3.0),
-    "+ both tables, weight 0.3": dict(tables=("wordfreq", "trnlp"), table_weight=0.3),
+    "+ wordfreq": dict(tables=("wordfreq",), table_casing="text"),
+    "+ trnlp": dict(tables=("trnlp",), table_casing="text"),
+    "+ both tables, lowercase": dict(tables=("wordfreq", "trnlp"), table_casing="lower"),
+    "+ both tables (default: cased from text)": dict(tables=("wordfreq", "trnlp"), table_casing="text"),
+    "+ both tables, lowercase, 500k words each": dict(tables=("wordfreq", "trnlp"), table_casing="lower",
+                                                      max_table_words=500_000),
+    "+ both tables, lowercase, weight 3": dict(tables=("wordfreq", "trnlp"), table_casing="lower", table_weight=3.0),
+    "+ both tables, lowercase, weight 0.3": dict(tables=("wordfreq", "trnlp"), table_casing="lower",
+                                                 table_weight=0.3),
     "candidates: SentencePiece unigram 32k": dict(tables=(), candidates="unigram"),
     "candidates: SentencePiece BPE 32k": dict(tables=(), candidates="bpe"),
 }
@@ -323,7 +323,7 @@ def part_generalization(rule_names: list[str], variant_names: list[str], only: l
         row: dict = {}
         for name, (srcs, texts) in settings.items():
             t0 = time.perf_counter()
-            words = with_tables(name, variant["tables"], variant.get("table_casing", "lower"),
+            words = with_tables(name, variant["tables"], variant.get("table_casing", vocab.DEFAULT_TABLE_CASING),
                                 variant.get("max_table_words", vocab.DEFAULT_MAX_TABLE_WORDS))
             if variant.get("candidates"):
                 with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +348,8 @@ def part_generalization(rule_names: list[str], variant_names: list[str], only: l
                                                      "pct_fewer": round(v["pct_fewer"], 2),
                                                      "morph_boundary_share": round(v["morph_boundary_share"], 4),
                                                      "base_fertility": round(v["base_fertility"], 4)}
-                row["english"] = {"pct_fewer": round(en["pct_fewer"], 3)}
+                row["english"] = {"pct_fewer": round(en["pct_fewer"], 3), "tokens": en["tokens"],
+                                  "base_tokens": en["base_tokens"]}
         unseen = [k for k in row if k.startswith(("held-out", "software"))]
         held = [k for k in unseen if k.startswith("held-out")]
         for label, keys in (("mean over held-out sources", held), ("mean over unseen registers", unseen)):

@@ -32,6 +32,11 @@ def qwen_ext(tmp_path_factory, qwen3_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def qwen3_base(qwen3_tokenizer_dir):
+    return vocab.load_base(qwen3_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
 def backends(qwen_ext, qwen3_tokenizer_dir):
     from tokenizers import Tokenizer
 
@@ -442,17 +447,50 @@ def test_progress_bar_shows_counting_in_bytes(tmp_path, qwen3_tokenizer_dir, cap
     assert re.search(rf"counting words: 100%.*{size}/{size} .*B/s", err), err[-300:]
 
 
-def test_worker_processes_count_the_same(tmp_path, qwen3_tokenizer_dir):
+def test_worker_processes_count_the_same(tmp_path, qwen3_tokenizer_dir, monkeypatch):
     base = vocab.load_base(qwen3_tokenizer_dir)
+    monkeypatch.setattr(vocab, "WORKER_BATCH_CHARS", 20_000)  # many batches: the queue fills and drains
     files = []
     for i in range(2):
         f = tmp_path / f"s{i}.txt"
-        f.write_text("\n".join(TURKISH_SENTENCES[i:] * 8000), encoding="utf-8")  # > 1 MB: several batches
+        f.write_text("\n".join(TURKISH_SENTENCES[i:] * 2001), encoding="utf-8")
         files.append(f)
     one = vocab.count_words(base, files, progress=False, workers=1)
     two = vocab.count_words(base, files, progress=False, workers=2)
     assert one.counts == two.counts and one.documents == two.documents
     assert one.corpus_sha256 == two.corpus_sha256
+
+
+def _fast_ranges_chars():
+    text = vocab.FAST_SPLIT_RANGES  # "a-bc-d..." -> (a, b), (c, d), ...
+    return [chr(i) for lo, hi in zip(text[0::3], text[2::3]) for i in range(ord(lo), ord(hi) + 1)]
+
+
+def test_fast_splitter_agrees_with_the_tokenizer_on_every_character_of_its_ranges(qwen3_tokenizer_dir, smollm2_dir):
+    base = vocab.load_base(qwen3_tokenizer_dir)
+    findall = vocab.fast_splitter(base.tokenizer_json)
+    assert findall is not None and vocab.fast_splitter(vocab.load_base(smollm2_dir).tokenizer_json) is None
+    pre, table = base.backend.pre_tokenizer, vocab._byte_level_table()
+    chars = _fast_ranges_chars()
+    assert len(chars) == 1872 and "ğ" in chars and "İ" in chars and "’" in chars and "₺" in chars
+    bad = []
+    for c in chars:
+        for ctx in (c, f"a{c}b", f" {c}", f"{c} ", c * 3, f"1{c}1", f"{c}\n", f"'{c}", f"{c}'s", f"ab {c} cd",
+                    f"\r{c}\n", f"{c}  x", f"İ{c}ş"):
+            fast = [p.encode("utf-8").decode("latin-1").translate(table) for p in findall(ctx)]
+            if fast != [w for w, _ in pre.pre_tokenize_str(ctx)]:
+                bad.append((hex(ord(c)), ctx))
+    assert bad == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.text(max_size=60), st.text(alphabet=TURKISH_ALPHABET + " .,'’\n\r\t0123456789İ̇ıI",
+                                                         max_size=80)), min_size=1, max_size=6))
+def test_fast_counting_equals_the_tokenizer(qwen3_base, docs):
+    findall = vocab.fast_splitter(qwen3_base.tokenizer_json)
+    norm, pre = qwen3_base.backend.normalizer, qwen3_base.backend.pre_tokenizer
+    docs = docs + [unicodedata.normalize("NFD", d) for d in docs]  # documents the normaliser changes
+    assert vocab._count_docs(norm, pre, docs, findall, nfc=True) == vocab._count_docs(norm, pre, docs)
 
 
 # ---------------------------------------------------------------------------------- options and outputs (issue 10)
