@@ -188,7 +188,11 @@ def _read_tokenizer_json(d: str | os.PathLike) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: the checkpoint needs its fast tokenizer (tokenizer.json) so the "
                                 "extension's base can be checked; pass --base-tokenizer DIR if it lives elsewhere")
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p} is not a valid tokenizer.json ({exc}): the file is damaged or was only partly "
+                         "written; re-download it (or re-run `trkit vocab`)") from None
 
 
 def _full_vocab(tj: dict) -> dict[str, int]:
