@@ -88,7 +88,7 @@ sizes = plans.plan("vocab", prof.name, smoke=smoke, new_tokens=new_tokens, hub_d
 source = prof.corpus if corpus == "auto" else corpus
 corpus_dir = work / "corpus"
 if source == "default" or Path(source).exists():
-    prep = corpus_stage.prepare_corpus(source, corpus_dir, overwrite=True)
+    prep = corpus_stage.prepare_corpus(source, corpus_dir, overwrite=True, limit=sizes["corpus_documents"] or None)
 else:
     name, _, config_name = source.partition(":")
     prep = corpus_stage.prepare_corpus(hub=name, hub_config=config_name or None, limit=sizes["hub_documents"],

@@ -121,7 +121,8 @@ if output_init == "fvt_offset":
     cal_tr, cal_en, train_docs = embeddings.default_calibration_text(turkish_chars=sizes["calibration_chars"])
     calib_model, _ = loading.load_model(src, prof)
     offsets = embeddings.estimate_offset_stats(calib_model, ext, base_tok, ext_tok, cal_tr, cal_en,
-                                               count_documents=train_docs, init=init, progress=True)
+                                               count_documents=train_docs[: sizes["count_documents"] or None],
+                                               init=init, progress=True)
     del calib_model
     gc.collect()
     rep = offsets.report

@@ -44,6 +44,7 @@ import collections
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import os
@@ -423,11 +424,15 @@ def prepare_corpus(
         if isinstance(src, tuple) and src[0] == "hub":
             yield from iter_hub(src[1], limit, hub_config, text_field=text_field)
             return
-        for p in (src if isinstance(src, list) else [src]):
-            if isinstance(p, (str, os.PathLike)):
-                yield from iter_file(p, config, drops, text_field)
-            else:
-                yield p
+
+        def every():
+            for p in (src if isinstance(src, list) else [src]):
+                if isinstance(p, (str, os.PathLike)):
+                    yield from iter_file(p, config, drops, text_field)
+                else:
+                    yield p
+
+        yield from (every() if limit is None else itertools.islice(every(), limit))  # limit: per source
 
     with _work_directory() as work:
         kept = _filter_into(work, sources, documents, config, dropped, per_source, tqdm, progress)
@@ -447,6 +452,7 @@ def prepare_corpus(
                     dropped=dict(sorted(dropped.items())),
                     per_source={k: dict(sorted(v.items())) for k, v in per_source.items()},
                     hub=dict(name=hub, config=hub_config, limit=limit) if hub else None,
+                    limit_per_source=limit,
                 ))
     return CorpusReport(Path(out_dir) if out_dir else None, {s: kept[s] for s in SPLITS}, dict(dropped),
                         {k: dict(v) for k, v in per_source.items()}, time.perf_counter() - t0, manifest)
@@ -794,7 +800,7 @@ def add_arguments(parser) -> None:
                         help="'default' (offline Turkish corpus) or text/JSONL/parquet files (plain, .gz, .bz2, .xz)")
     parser.add_argument("--hub", help="a hub dataset name to stream instead of --input (needs internet)")
     parser.add_argument("--hub-config", help="the hub dataset's config (e.g. tur_Latn)")
-    parser.add_argument("--limit", type=positive_int, help="read at most this many hub documents")
+    parser.add_argument("--limit", type=positive_int, help="read at most this many documents (of a hub dataset, or of each local source)")
     parser.add_argument("--text-field", default="text", help="text column / JSON field")
     parser.add_argument("--out", required=True, help="output directory (datasets.load_from_disk reads it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out that trkit wrote")

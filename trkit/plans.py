@@ -17,10 +17,12 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "vocab": {
         "new_tokens": {"smoke": 2_000, "cpu": 20_000, "t4": 20_000, "a100": 20_000},
         "hub_documents": {"smoke": 200, "cpu": 0, "t4": 50_000, "a100": 200_000},
+        "corpus_documents": {"smoke": 600, "cpu": 0, "t4": 0, "a100": 0},  # per local source; 0 = all
     },
     "embeddings": {
         "eval_chars": {"smoke": 3_000, "cpu": 20_000, "t4": 100_000, "a100": 200_000},
         "calibration_chars": {"smoke": 4_000, "cpu": 20_000, "t4": 40_000, "a100": 40_000},
+        "count_documents": {"smoke": 3_000, "cpu": 0, "t4": 0, "a100": 0},  # training documents counted; 0 = all
     },
     "distill": {
         "cache_documents": {"smoke": 60, "cpu": 2_000, "t4": 20_000, "a100": 100_000},
@@ -37,8 +39,9 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "batch_size": {"smoke": 2, "cpu": 4, "t4": 1, "a100": 2},
         "grad_accum": {"smoke": 1, "cpu": 1, "t4": 16, "a100": 16},
         "max_documents": {"smoke": 300, "cpu": 0, "t4": 100_000, "a100": 400_000},
-        "eval_chars": {"smoke": 2_000, "cpu": 10_000, "t4": 50_000, "a100": 100_000},
+        "eval_chars": {"smoke": 1_000, "cpu": 10_000, "t4": 50_000, "a100": 100_000},
     },
+    # notebook 05 takes its real sizes from trkit.report.PROFILE_SIZES; these are only the smoke test's
     "eval": {
         "turkish_chars": {"smoke": 2_000, "cpu": 20_000, "t4": 100_000, "a100": 200_000},
         "english_chars": {"smoke": 1_000, "cpu": 10_000, "t4": 50_000, "a100": 100_000},
