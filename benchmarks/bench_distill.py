@@ -119,9 +119,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--resume-documents", type=int, default=300, help="documents of the kill/resume check's plan")
     ap.add_argument("--resume-shard-positions", type=int, default=4096)
     ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch threads (here: 1; on a 2-core machine shared with other jobs, "
+                    "2 OpenMP threads wait for each other at every op and run ~6x slower)")
     args = ap.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the kill/resume subprocesses too
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from peft import PeftModel
 
     from trkit import assets, distill
@@ -144,6 +151,7 @@ def main(argv=None) -> dict:
         "training_text": {"documents": len(docs), "chars": sum(map(len, docs)),
                           "source": "first documents of the default training split in seed-0 order"},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+        "torch_threads": torch.get_num_threads(),
     }
 
     # 1. the teacher cache

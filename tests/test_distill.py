@@ -451,3 +451,17 @@ def test_smollm2_exactness_and_real_rows(smollm2_dir, tmp_path, monkeypatch):
     # positive (new tokens take some mass even in English contexts), far more so in Turkish ones
     assert (real["kd"][exact] > -2 * worst).all() and real["kd"][exact].mean() > 100 * worst
     assert real["kd"][turkish].mean() > 10 * real["kd"][exact].mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_qlora_teacher_and_student_on_gpu(teacher_dir, ext_model, mix_file, tmp_path, dtype):
+    """The GPU path: an NF4 teacher writes the cache (profile 'gpu': 4-bit), a QLoRA DoRA student trains with it."""
+    out = tmp_path / "cache"
+    r = distill.cache_teacher_logits(str(teacher_dir), [str(mix_file)], out, seq_len=64, profile="gpu", dtype=dtype,
+                                     progress=False)
+    assert r.plan["load_in_4bit"] and r.bytes_per_position < 140
+    result = train.train(_cfg(ext_model, mix_file, tmp_path / "run", out, profile="gpu", dtype=dtype, adapter="dora",
+                              max_steps=2, save_steps=0))
+    log = [x for x in result.log if "loss" in x]
+    assert len(log) == 2 and all(math.isfinite(x["loss"]) and x["kd/kl"] > 0 for x in log)
