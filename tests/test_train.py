@@ -105,8 +105,8 @@ def test_chunked_loss_equals_full_loss_and_gradients(tied, tied_dir):
     assert n == n2 == 3 * 32 - 6
     assert abs(float(chunked) - float(full)) / float(full) < 1e-6
     for k, p in pm.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(p.grad, want[k], rtol=1e-4, atol=1e-6), k
+        if p.requires_grad:  # fp32 sums in another order: within 1e-6 of the largest gradient entry
+            assert torch.allclose(p.grad, want[k], rtol=1e-4, atol=1e-6 * float(want[k].abs().max()) + 1e-12), k
 
 
 def test_pack_text_records_exact_byte_offsets(qwen_ext):
@@ -235,9 +235,11 @@ def test_two_processes_equal_one_with_accumulation(ext_model, corpus_file, tmp_p
     one = subprocess.run([sys.executable, *common, "--grad-accum", "2", "--out", str(tmp_path / "one")], cwd=ROOT,
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    # `--multi_gpu` is accelerate's torchrun launcher; on a machine without GPUs its processes use gloo on the CPU
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
+    # the shipped multi-GPU config (distributed_type MULTI_GPU = accelerate's torchrun launcher); on a machine without
+    # GPUs its processes use gloo on the CPU
+    config = ROOT / "trkit" / "data" / "accelerate_multi_gpu.yaml"
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "--num_processes", "2", "--dynamo_backend", "no", *common,
                           "--grad-accum", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -248,6 +250,15 @@ def test_two_processes_equal_one_with_accumulation(ext_model, corpus_file, tmp_p
     assert set(a) == set(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_sharded_launch_modes_are_refused_before_loading():
+    for kind in ("DistributedType.FSDP", "DEEPSPEED", "DistributedType.MULTI_GPU", "MULTI_CPU", "NO"):
+        if "FSDP" in kind or "DEEPSPEED" in kind:
+            with pytest.raises(ValueError, match="data-parallel only"):
+                train.check_distributed_type(kind)
+        else:
+            train.check_distributed_type(kind)
 
 
 def test_merge_writes_a_plain_checkpoint_equal_to_the_adapter(ext_model, corpus_file, tmp_path):
