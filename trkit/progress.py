@@ -26,7 +26,8 @@ def tqdm(*args, **kwargs):
         from tqdm.std import tqdm as text_tqdm
 
         kwargs.setdefault("file", sys.stdout)
-        kwargs.setdefault("mininterval", float(os.environ.get("TRKIT_PROGRESS_INTERVAL", "10")))
+        # a caller's shorter interval is for live widgets; saved text keeps to the headless interval
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0), float(os.environ.get("TRKIT_PROGRESS_INTERVAL", "10")))
         kwargs.setdefault("ascii", True)
         kwargs.pop("dynamic_ncols", None)
         kwargs.setdefault("ncols", 100)

@@ -753,7 +753,7 @@ def count_words(
     module docstring), with ``table_casing`` "lower" (as listed) or "text" (a share moved to the
     capitalised form, taken from the running text). A progress bar shows the bytes read.
     """
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if table_casing not in TABLE_CASINGS:
         raise ValueError(f"table_casing must be one of {TABLE_CASINGS}, got {table_casing!r}")
@@ -966,7 +966,7 @@ def learn_merges(
 
     Word-count tables among the sources are rescaled first (:func:`source_factors`).
     """
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -1223,7 +1223,7 @@ def candidate_merges(
     that cannot be built, or whose merges would pass ``n_new_tokens``, is rolled back and skipped.
     Every merge is appended, so ids, coarsening, round trips and reachability hold as for learned merges.
     """
-    from tqdm.auto import tqdm
+    from trkit.progress import tqdm
 
     if n_new_tokens < 1:
         raise ValueError(f"n_new_tokens must be >= 1, got {n_new_tokens}")
