@@ -44,7 +44,10 @@ it, new rows included; the tokenizer beside it), ``log.jsonl``, a model card ``R
 
 Scale-out: ``accelerate launch -m trkit train ...`` runs the same loop under DDP (``gloo`` on CPU,
 NCCL on GPUs); each process takes every ``world``-th micro-batch of a step, so 2 processes with
-micro-batch b equal 1 process with micro-batch b and 2 accumulation steps (tested on CPU).
+micro-batch b equal 1 process with micro-batch b and 2 accumulation steps (tested on CPU with the
+shipped ``trkit/data/accelerate_multi_gpu.yaml``). FSDP and DeepSpeed are refused before loading:
+every process holds the whole model (4-bit on GPUs: Qwen3-8B fits one 16 GB card), which is what
+data parallelism needs and what an 8B QLoRA run on one machine's GPUs needs.
 """
 
 from __future__ import annotations
@@ -800,6 +803,7 @@ def train(config: TrainConfig, on_log: Callable[[dict], None] | None = None) -> 
             raise FileExistsError(f"--out {out} holds an earlier run; pass --resume auto to continue it or --overwrite "
                                   "to start again")
     accelerator = Accelerator(cpu=profile.device == "cpu")
+    check_distributed_type(str(accelerator.distributed_type))
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     device = accelerator.device
@@ -1052,6 +1056,21 @@ def train(config: TrainConfig, on_log: Callable[[dict], None] | None = None) -> 
     accelerator.wait_for_everyone()
     return RunResult(out, cfg.max_steps, log_history, out / ADAPTER_DIR, time.perf_counter() - t_start, resumed_from,
                      merged)
+
+
+def check_distributed_type(kind: str) -> None:
+    """Refuse an ``accelerate launch`` mode the loop does not implement (before any model is loaded).
+
+    Data parallelism (``MULTI_GPU``, ``MULTI_CPU``) is what the loop is written and tested for: each process
+    holds the whole (4-bit) model and its own optimizer over the same trainable parameters. FSDP and DeepSpeed
+    shard parameters and need the optimizer built after wrapping and gathered adapter saves; this loop does
+    neither, so it says so instead of training wrong parameters.
+    """
+    name = kind.rsplit(".", 1)[-1].upper()
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TP"):
+        raise ValueError(f"accelerate launch with {name} is not supported by `trkit train` (it runs data-parallel only): "
+                         "run `accelerate launch --multi_gpu --num_processes N -m trkit train ...` (DDP; each GPU holds "
+                         "the 4-bit model, Qwen3-8B fits a 16 GB card) or pass --config_file with distributed_type: MULTI_GPU")
 
 
 def _memory_gib(device) -> float:
