@@ -6,6 +6,7 @@
 #     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -39,15 +40,19 @@
 #   the student's distribution is mapped onto the teacher's vocabulary by each token's first piece. The loss is
 #   `(1 - w)·CE + w·T²·KL(teacher ‖ student)`, computed in chunks like the training stage's.
 #
-# | runtime | phase A: Qwen3-8B teacher over the T4 plan's 20,000 FineWeb-2 pages (~20M tokens) | Drive | phase B |
-# |---|---|---|---|
-# | free T4 (NF4 teacher) | ~6 h: split it over sessions, it resumes | ~2.7 GB | the student trains with 04's settings |
-# | A100 (bf16 teacher) | ~40 min | ~2.7 GB | same |
-# | CPU demo (SmolLM2-135M, 2,000 documents) | measured below | ~70 MB | a few dozen steps |
+# | runtime | phase A: Qwen3-8B teacher | positions | Drive | phase B |
+# |---|---|---|---|---|
+# | free T4 (NF4 teacher) | 10,000 FineWeb-2 pages: ~6 h, split over sessions (it resumes) | ~10M | ~1.4 GB | the student trains with 04's settings |
+# | A100 (bf16 teacher) | 20,000 pages: ~1 h | ~20M | ~2.7 GB | same |
+# | CPU demo (SmolLM2-135M) | 10 documents: measured below | ~13k | ~2 MB | 20 steps |
 #
-# The GPU times are estimates, not measurements: 2 × 8B FLOPs per token at ~15 TFLOP/s effective on a T4 and
-# ~150 on an A100; Drive = positions × 137 B. The cpu row is measured in this notebook. Headless: `python -m trkit notebooks run 03_distill --profile cpu`; on the command line:
-# `python -m trkit distill cache --teacher NAME --corpus default --out DIR` then
+# The teacher reads windows 4× the student's sequence length with a stride of half a window, so every cached
+# position has more text behind it than any student position (a student position whose teacher saw less is
+# trained on cross-entropy only: `kd/masked` below). The GPU times are estimates, not measurements: 2 × 8B
+# FLOPs per forward token (two per position, the windows overlap by half) at ~15 TFLOP/s effective on a T4 and
+# ~150 on an A100; Drive = positions × ~137 B. The cpu row is measured in this notebook. Headless:
+# `python -m trkit notebooks run 03_distill --profile cpu`; on the command line:
+# `python -m trkit distill cache --teacher NAME --corpus default --seq-len 4096 --stride 2048 --out DIR` then
 # `python -m trkit train --model EXTENDED --distill DIR ...`.
 
 # %% [markdown]
@@ -81,7 +86,8 @@ student_dir = ""          # the extended checkpoint of notebook 02 (empty: <work
 phase = "both"            # both | teacher (phase A only, e.g. on a bigger runtime) | student (phase B only)
 cache_documents = None    # None: the profile's plan (trkit.plans)
 top_k = None
-seq_len = None
+seq_len = None           # the student's sequence length
+teacher_seq_len = None   # the teacher's window (4x seq_len by default), scored with a stride of half a window
 steps = None
 batch_size = None
 grad_accum = None
@@ -102,12 +108,14 @@ from trkit import colab, distill, plans, profiles
 prof = profiles.get_profile(profile)
 work = colab.default_workdir(workdir or None)
 sizes = plans.plan("distill", prof.name, smoke=smoke, cache_documents=cache_documents, top_k=top_k,
-                   seq_len=seq_len, steps=steps, batch_size=batch_size, grad_accum=grad_accum)
+                   seq_len=seq_len, teacher_seq_len=teacher_seq_len, steps=steps, batch_size=batch_size,
+                   grad_accum=grad_accum)
+window = dict(seq_len=sizes["teacher_seq_len"], stride=sizes["teacher_seq_len"] // 2)
 teacher_name = prof.base_model if teacher == "auto" else teacher
 student = Path(student_dir) if student_dir else work / "model-ext"
 cache_dir = work / "distill" / "cache"
-plan, _, _, _ = distill.plan_cache(teacher_name, ["default"], cache_dir, top_k=sizes["top_k"],
-                                   seq_len=sizes["seq_len"], max_documents=sizes["cache_documents"], profile=prof)
+plan, _, _, _ = distill.plan_cache(teacher_name, ["default"], cache_dir, top_k=sizes["top_k"], **window,
+                                   max_documents=sizes["cache_documents"], profile=prof)
 print(distill.describe_plan(plan))
 pd.Series({"teacher": teacher_name, "documents": plan["documents"], "positions": plan["positions"],
            "bytes per position": plan["layout"]["bytes_per_position"], "Drive (MB)": round(plan["bytes"] / 1e6, 2),
@@ -120,9 +128,8 @@ pd.Series({"teacher": teacher_name, "documents": plan["documents"], "positions":
 
 # %%
 if phase in ("both", "teacher"):
-    cache = distill.cache_teacher_logits(teacher_name, ["default"], cache_dir, top_k=sizes["top_k"],
-                                         seq_len=sizes["seq_len"], max_documents=sizes["cache_documents"],
-                                         profile=prof, overwrite=False)
+    cache = distill.cache_teacher_logits(teacher_name, ["default"], cache_dir, top_k=sizes["top_k"], **window,
+                                         max_documents=sizes["cache_documents"], profile=prof, overwrite=False)
     print(f"{cache.positions:,} positions, {cache.bytes_per_position:.1f} B/position, "
           f"{cache.positions_per_s:,.0f} positions/s ({cache.shards_computed} shard(s) computed, "
           f"{cache.shards_skipped} already there)")

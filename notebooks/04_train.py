@@ -112,9 +112,10 @@ sizes = plans.plan("train", prof.name, smoke=smoke, rows_steps=rows_steps, adapt
 settings = {"adapter": adapter, "rank": rank, "optimizer": optimizer, "neftune_alpha": float(neftune_alpha),
             "lr": float(lr), "rows_lr": float(rows_lr), "embedding_lr": float(embedding_lr), **sizes}
 preflight = loading.preflight(model_path, prof, batch_size=sizes["batch_size"], seq_len=sizes["seq_len"],
-                              lora_rank=rank, new_tokens=span[1] - span[0], dora=adapter != "lora", optimizer=optimizer)
+                              lora_rank=rank, new_tokens=span[1] - span[0], dora=adapter != "lora", optimizer=optimizer,
+                              loss_chunk=1024)  # trkit train's chunked loss (its default)
 t4 = memory.estimate_for_profile("Qwen/Qwen3-8B", "t4", lora_rank=16, dora=True, new_tokens=20_000,
-                                 vocab_size=(151_669 + 20_000 + 63) // 64 * 64, optimizer="adamw8bit")
+                                 vocab_size=(151_669 + 20_000 + 63) // 64 * 64, optimizer="adamw8bit", loss_chunk=1024)
 pd.DataFrame({
     "this run": {"model": str(model_path), "profile": f"{prof.name} ({prof.device}, {prof.dtype})",
                  "steps (rows + adapters)": f"{sizes['rows_steps']} + {sizes['adapter_steps']}",
@@ -128,7 +129,9 @@ pd.DataFrame({
 # %%
 from IPython.display import display
 
-if use_form and not smoke:
+from trkit.progress import text_mode
+
+if use_form and not smoke and not text_mode():  # a headless run (papermill) could not use the form
     display(colab.settings_form(settings, {"adapter": ["dora", "peft-dora", "lora"],
                                            "optimizer": ["auto", "adamw", "adamw8bit", "sophia"]},
                                 title="training settings"))

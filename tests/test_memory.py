@@ -276,3 +276,18 @@ def test_cli_prints_breakdown_and_verdicts(capsys, tmp_path):
     assert main(["memory", "--model", "nope/none", "--profile", "t4"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["memory", "--model", "Qwen/Qwen3-8B", "--profile", "cpu"]) == 2
+
+
+def test_chunked_loss_estimate_counts_one_chunk_of_logits_and_no_merged_head():
+    """trkit train's chunked loss: one chunk of fp32 logits + its half copy + the hidden-state gradient, and only the
+    embedding's transient merged copy (the full-loss path keeps a merged lm_head and its dense gradient)."""
+    from trkit.memory import estimate_for_profile
+
+    kw = dict(lora_rank=16, dora=True, new_tokens=20_000, vocab_size=171_712, optimizer="adamw8bit")
+    full = estimate_for_profile("Qwen/Qwen3-8B", "t4", **kw)
+    chunked = estimate_for_profile("Qwen/Qwen3-8B", "t4", loss_chunk=512, **kw)
+    tokens, v, h = 1024, 171_712, 4096
+    assert chunked.breakdown["logits"] == 512 * v * 6 + 4 * tokens * h
+    assert full.breakdown["logits"] == 12 * tokens * v
+    assert full.breakdown["workspace"] - chunked.breakdown["workspace"] == 2 * v * h
+    assert chunked.total < full.total

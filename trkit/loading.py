@@ -177,6 +177,7 @@ def preflight(
     load_in_4bit: bool | None = None,
     gradient_checkpointing: bool | None = None,
     gpu_memory_gb: float | None = None,
+    loss_chunk: int | None = None,
 ) -> dict:
     """Estimate one training step's peak GPU memory before anything big is loaded; refuse a misfit.
 
@@ -197,7 +198,7 @@ def preflight(
     config = model_config(model)
     estimate = estimate_training_memory(
         config, weights=weights, lora_rank=lora_rank, dora=dora, new_tokens=new_tokens, vocab_size=vocab_size,
-        optimizer=opt, batch_size=batch_size, seq_len=seq_len,
+        optimizer=opt, batch_size=batch_size, seq_len=seq_len, loss_chunk=loss_chunk,
         gradient_checkpointing=prof.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing)
     report = {"model": str(model), "profile": prof.name, "total_gib": estimate.total / GIB,
               "breakdown_gib": {k: v / GIB for k, v in estimate.breakdown.items()}, "verdict": "not judged (CPU)"}

@@ -29,7 +29,9 @@ config alone, as a breakdown that adds up to the total:
   adapter weight (2 bytes per LoRA parameter). Weights are frozen, so no base GEMM keeps its input.
 * ``logits``: the classic T4 OOM. transformers upcasts the logits to fp32 for the loss; at the start
   of backward the saved fp32 log-softmax, the fp32 gradient of the loss and the fp32 gradient of
-  the logits coexist: 12 bytes x batch x sequence x vocabulary (151,936 rows for Qwen3).
+  the logits coexist: 12 bytes x batch x sequence x vocabulary (151,936 rows for Qwen3). trkit's
+  own training stage computes the loss in chunks (``loss_chunk`` positions): (4 + 2) bytes x chunk x
+  vocabulary + 4 bytes x tokens x hidden.
 * ``workspace``: transient buffers at the largest layer: NF4/int8 matmuls dequantise one weight
   to 16 bits (2 in out); PEFT's DoRA builds B A through an identity matrix and the merged weight
   for the norm (6 in^2 + 8 in out, at the largest target); trainable new-token rows merge a full
@@ -332,8 +334,13 @@ def estimate_training_memory(
     gradient_checkpointing: bool = True,
     cuda_context_gib: float = 0.5,
     allocator_reserve: float = 0.05,
+    loss_chunk: int | None = None,
 ) -> MemoryEstimate:
     """Peak GPU memory of one training step, without weights; see the module docstring for each term.
+
+    ``loss_chunk`` = the positions per chunk of trkit's chunked loss (``trkit train --loss chunked``): the
+    logits term becomes one chunk's fp32 logits (overwritten by their gradient) and their half copy for the
+    matrix products, plus the fp32 gradient of the hidden states; no merged ``lm_head`` copy is kept.
 
     ``vocab_size`` overrides the config's (an extended vocabulary); ``new_tokens`` rows of the
     embedding (and untied ``lm_head``) are trainable through PEFT ``trainable_token_indices``.
@@ -400,7 +407,10 @@ def estimate_training_memory(
     if new_tokens:
         acts += half * h * tokens  # lm_head's input, kept for the new rows' gradient
     acts += half * lora["lora"]  # autocast's half copies of the adapter weights
-    logits_bytes = 12 * tokens * v
+    if loss_chunk:
+        logits_bytes = min(tokens, int(loss_chunk)) * v * (4 + half) + 4 * tokens * h
+    else:
+        logits_bytes = 12 * tokens * v
 
     # workspace: the largest transient at one layer
     largest = max(i * o for i, o in shape.linear_shapes().values())
@@ -409,7 +419,9 @@ def estimate_training_memory(
         workspace = max(workspace, max(6 * shape.linear_shapes()[t][0] ** 2 + 8 * shape.linear_shapes()[t][0] * shape.linear_shapes()[t][1]
                                        for t in targets))
     if new_tokens:
-        workspace += 2 * half * v * h  # merged lm_head copy kept for backward + its dense gradient
+        # full loss: merged lm_head copy kept for backward + its dense gradient; chunked: only the input
+        # embedding's transient merged copy (the head's new rows are read as a slice)
+        workspace += (1 if loss_chunk else 2) * half * v * h
 
     breakdown = {
         "weights": int(weight_bytes),
@@ -425,13 +437,13 @@ def estimate_training_memory(
     settings = dict(weights=weights, double_quant=double_quant if weights == "nf4" else None, lora_rank=lora_rank,
                     lora_targets=list(targets), dora=dora, new_tokens=new_tokens, vocab_size=v, optimizer=optimizer,
                     batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                    cuda_context_gib=cuda_context_gib, allocator_reserve=allocator_reserve)
+                    cuda_context_gib=cuda_context_gib, allocator_reserve=allocator_reserve, loss_chunk=loss_chunk)
     parameters = {**{k: v_ for k, v_ in params.items() if k != "per_layer"}, "lora": lora["lora"],
                   "dora_magnitude": lora["dora_magnitude"], "new_token_rows": token_params, "trainable": trainable}
     request = dict(weights=weights, double_quant=double_quant, lora_rank=lora_rank, lora_targets=targets or ALL_TARGETS,
                    dora=dora, new_tokens=new_tokens, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
                    gradient_checkpointing=gradient_checkpointing, cuda_context_gib=cuda_context_gib,
-                   allocator_reserve=allocator_reserve)
+                   allocator_reserve=allocator_reserve, loss_chunk=loss_chunk)
     return MemoryEstimate(model=shape.name or shape.model_type, settings=settings, parameters=parameters,
                           breakdown=breakdown, shape=shape, request=request)
 
@@ -750,6 +762,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, help="micro-batch (default: the profile's)")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: the profile's)")
     parser.add_argument("--gradient-checkpointing", choices=("on", "off"), help="default: the profile's")
+    from trkit.options import positive_int
+
+    parser.add_argument("--loss-chunk", type=positive_int, metavar="N",
+                        help="positions per chunk of trkit train's chunked loss (its default: 1024); "
+                             "omit for a full-logits loss (Hugging Face Trainer, --loss full)")
     parser.add_argument("--gpus", default=",".join(GPUS), help=f"GPUs to judge against ({', '.join(GPUS)})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--out", help="also write the JSON to this file")
@@ -776,7 +793,7 @@ def run_cli(args) -> int:
         args.model, args.profile, weights=args.weights, double_quant=not args.no_double_quant, lora_rank=args.lora_rank,
         lora_targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), dora=args.dora,
         new_tokens=args.new_tokens, vocab_size=args.vocab_size, optimizer=args.optimizer, batch_size=args.batch,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len, loss_chunk=args.loss_chunk,
         gradient_checkpointing=None if args.gradient_checkpointing is None else args.gradient_checkpointing == "on",
     )
     report = {"profile": args.profile, **estimate.as_dict(gpus)}

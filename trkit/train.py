@@ -817,7 +817,8 @@ def train(config: TrainConfig, on_log: Callable[[dict], None] | None = None) -> 
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        lora_rank=cfg.rank if cfg.stage == "adapters" else 0,
                        new_tokens=(span[1] - span[0]) if span else 0,
-                       optimizer=cfg.optimizer, dora=cfg.stage == "adapters" and cfg.adapter in ("dora", "peft-dora"))
+                       optimizer=cfg.optimizer, dora=cfg.stage == "adapters" and cfg.adapter in ("dora", "peft-dora"),
+                       loss_chunk=cfg.loss_chunk if cfg.loss == "chunked" else None)
 
     seed_everything(cfg.seed)
     built = build_model(cfg, profile)
