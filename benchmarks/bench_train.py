@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, sys
+import trkit.packing as P
 import trkit.train as T
 
 def hwm():
@@ -41,13 +42,13 @@ def hwm():
             return int(line.split()[1]) * 1024
 
 marks = {}
-_pack = T.pack
+_pack = P.pack
 def pack(*a, **k):  # the model is loaded before the corpus is packed; reset the high-water mark after packing
     out = _pack(*a, **k)
     marks['before_training'] = hwm()
     open('/proc/self/clear_refs', 'w').write('5')  # Linux: VmHWM := current RSS
     return out
-T.pack = pack
+P.pack = pack  # trkit.train imports it inside train()
 cfg = T.TrainConfig(**json.loads(sys.argv[1]))
 run = T.train(cfg)
 print('RESULT ' + json.dumps({'peak_rss_bytes': max(hwm(), marks.get('before_training', 0)),
