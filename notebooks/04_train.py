@@ -219,13 +219,17 @@ pd.DataFrame({"extended, at init": {"Turkish BPC": first.get("eval/turkish_bpc")
 
 # %% [markdown]
 # ## 6. After training: the same prompts
-# The adapter loads with plain PEFT: `PeftModel.from_pretrained(extended_model, "<out>/adapter")`.
+# The adapter loads with plain PEFT: `PeftModel.from_pretrained(extended_model, "<out>/adapter")`. For generating,
+# PEFT merges it into the weights (`merge_and_unload`: the same function, at the base model's speed); a 4-bit
+# base stays unmerged.
 
 # %%
 from peft import PeftModel
 
 model, tok = loading.load_model(model_path, prof)
 model = PeftModel.from_pretrained(model, str(adapters_run.adapter)).eval()
+if not getattr(model, "is_loaded_in_4bit", False):
+    model = model.merge_and_unload()
 after = continuations(model, tok, "after")
 del model
 pd.set_option("display.max_colwidth", None)
