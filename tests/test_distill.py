@@ -246,7 +246,10 @@ def test_kd_loss_matches_a_dense_reference_and_its_chunked_gradients(ext_model, 
     dense = ce[~valid].sum() + ((1 - 0.7) * ce[valid] + 0.7 * (4.0 * t["kd"] + 0.5 * t["chain"])).sum()
     dense.backward()
     assert abs(float(total.detach()) - float(dense.detach())) < 1e-4 * abs(float(dense.detach()))
-    assert torch.allclose(g_chunked, hidden.grad, rtol=1e-4, atol=1e-7)
+    # chunked and dense graphs sum in different orders: compare against the gradient's own scale
+    err = float((g_chunked - hidden.grad).abs().max())
+    print(f"chunked vs dense grad max |diff| {err:.3g}, max |grad| {float(hidden.grad.abs().max()):.3g}")
+    assert err <= 1e-4 * float(hidden.grad.abs().max()), err
     assert terms["kd/chain_positions"] > 0 and terms["kd/chain"] > 0
     # and the KL itself against a plain float64 computation
     targets_of_rows = distill.row_targets(kd.vmap, z.shape[1])

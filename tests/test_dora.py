@@ -576,9 +576,9 @@ def test_benchmark_script_runs_and_trkit_needs_less_memory(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "dora.json"
-    assert bench.main(["--device", "cpu", "--shapes", "256x512", "--tokens", "16", "--repeats", "1", "--out", str(out)]) == 0
+    assert bench.main(["--device", "cpu", "--shapes", "1024x1024", "--tokens", "64", "--repeats", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {(r["shape"], r["base"]) for r in result["ratios"]} == {("256x512", "fp32"), ("256x512", "nf4")}
+    assert {(r["shape"], r["base"]) for r in result["ratios"]} == {("1024x1024", "fp32"), ("1024x1024", "nf4")}
     for ratio in result["ratios"]:
         assert ratio["trkit_vs_peft_dora_output_rel_diff"] < 1e-5
         assert ratio["peak_vs_peft_dora"] < 0.6 and ratio["peak_rss_vs_peft_dora"] < 0.6
