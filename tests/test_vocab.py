@@ -827,3 +827,13 @@ def test_full_20k_smollm2_default_corpus(tmp_path, smollm2_dir):
     assert rep["sources"]["val"]["pct_fewer"] >= 35.0
     assert abs(rep["sources"]["en"]["pct_fewer"]) <= 0.5
     assert rep["sources"]["val"]["roundtrip_failures"] == 0 and rep["sources"]["val"]["coarsening_violations"] == 0
+
+
+def test_jsonl_documents_and_their_drops_are_counted(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "Yarın sabah toplantı var."}, ensure_ascii=False) + "\n\n{not json\n"
+                    + json.dumps({"text": 3}) + "\n" + json.dumps(["a"]) + "\n" + json.dumps({"text": "  "}) + "\n",
+                    encoding="utf-8")
+    dropped = collections.Counter()
+    assert list(vocab._iter_file_docs(path, dropped=dropped)) == ["Yarın sabah toplantı var."]
+    assert dropped == {"bad_json": 1, "not_text": 2}

@@ -211,20 +211,28 @@ def iter_file(path: str | os.PathLike, config: CorpusConfig, dropped: collection
         return
     for line in _read_lines(path, config.max_line_bytes, dropped):
         if suffix in (".jsonl", ".json"):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                dropped["bad_json"] += 1
-                continue
-            t = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(t, str):
-                dropped["not_text"] += 1
-                continue
-            yield t
+            t = jsonl_text(line, text_field, dropped)
+            if t is not None:
+                yield t
         else:
             yield line
+
+
+def jsonl_text(line: str, field: str, dropped: collections.Counter) -> str | None:
+    """The ``field`` string of one JSONL record; None (counted in ``dropped`` as ``bad_json`` or ``not_text``,
+    blank lines not counted) when there is none."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        dropped["bad_json"] += 1
+        return None
+    text = obj.get(field) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        dropped["not_text"] += 1
+        return None
+    return text
 
 
 def _check_input_file(path: Path) -> None:

@@ -452,6 +452,8 @@ def _read_lines(path: Path, max_line_bytes: int, dropped: collections.Counter, p
 def _iter_file_docs(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, dropped: collections.Counter | None = None,
                     progress: _Progress | None = None) -> Iterator[str]:
     """Documents of a file: one per line (.txt), the "text" field (.jsonl/.json lines), parquet "text"."""
+    from trkit.corpus import jsonl_text
+
     dropped = collections.Counter() if dropped is None else dropped
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -474,16 +476,8 @@ def _iter_file_docs(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, dr
         return
     for _, line in _read_lines(path, max_line_bytes, dropped, progress):
         if suffix in (".jsonl", ".json"):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                dropped["bad_json"] += 1
-                continue
-            line = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(line, str):
-                dropped["not_text"] += 1
+            line = jsonl_text(line, "text", dropped)
+            if line is None:
                 continue
         if line.strip():
             yield line
