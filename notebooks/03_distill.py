@@ -44,7 +44,7 @@
 # |---|---|---|---|---|
 # | free T4 (NF4 teacher) | 10,000 FineWeb-2 pages: ~6 h, split over sessions (it resumes) | ~10M | ~1.4 GB | the student trains with 04's settings |
 # | A100 (bf16 teacher) | 20,000 pages: ~1 h | ~20M | ~2.7 GB | same |
-# | CPU demo (SmolLM2-135M) | 6 documents: measured below | ~8k | ~1 MB | 12 steps |
+# | CPU demo (SmolLM2-135M) | 6 documents: measured below | ~8k | ~1 MB | 10 steps |
 #
 # The teacher reads windows 4× the student's sequence length with a stride of half a window, so every cached
 # position has more text behind it than any student position (a student position whose teacher saw less is

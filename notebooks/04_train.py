@@ -145,8 +145,8 @@ if use_form and not smoke and not text_mode():  # a headless run (papermill) cou
 from trkit import assets, evaluation, generation
 
 turkish_docs = evaluation.read_documents(assets.validation_file())
-prompts = generation.turkish_prompts(turkish_docs, 2 if smoke else 4, words=6)
-gen_settings = generation.GenerationSettings(prompts=len(prompts), max_new_tokens=8 if smoke else 32, sample=False)
+prompts = generation.turkish_prompts(turkish_docs, 2 if smoke else 3, words=6)
+gen_settings = generation.GenerationSettings(prompts=len(prompts), max_new_tokens=8 if smoke else 24, sample=False)
 
 
 def continuations(model, tok, label):

@@ -20,13 +20,13 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "corpus_documents": {"smoke": 600, "cpu": 0, "t4": 0, "a100": 0},  # per local source; 0 = all
     },
     "embeddings": {
-        "eval_chars": {"smoke": 3_000, "cpu": 8_000, "t4": 100_000, "a100": 200_000},
-        "calibration_chars": {"smoke": 4_000, "cpu": 8_000, "t4": 40_000, "a100": 40_000},
-        "count_documents": {"smoke": 3_000, "cpu": 0, "t4": 0, "a100": 0},  # training documents counted; 0 = all
+        "eval_chars": {"smoke": 3_000, "cpu": 6_000, "t4": 100_000, "a100": 200_000},
+        "calibration_chars": {"smoke": 4_000, "cpu": 6_000, "t4": 40_000, "a100": 40_000},
+        "count_documents": {"smoke": 3_000, "cpu": 15_000, "t4": 0, "a100": 0},  # training documents counted; 0 = all
     },
     "distill": {
         # documents of the training stream the teacher reads (in the training order); the cpu demo's 6 are ~8k
-        # teacher positions (SmolLM2 tokens), about one pass of its 12 student steps of 4 x 128 extended tokens
+        # teacher positions (SmolLM2 tokens), about one pass of its 10 student steps of 4 x 128 extended tokens
         "cache_documents": {"smoke": 6, "cpu": 6, "t4": 10_000, "a100": 20_000},
         "top_k": {"smoke": 8, "cpu": 32, "t4": 32, "a100": 32},
         "seq_len": {"smoke": 64, "cpu": 128, "t4": 1024, "a100": 2048},
@@ -34,18 +34,18 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         # position has seen >= 2x seq_len teacher tokens of history, more text than any student block holds
         # (the extension cuts tokens ~1.7x); fewer would leave student positions masked (CE only)
         "teacher_seq_len": {"smoke": 256, "cpu": 512, "t4": 4096, "a100": 8192},
-        "steps": {"smoke": 3, "cpu": 12, "t4": 400, "a100": 1000},
+        "steps": {"smoke": 3, "cpu": 10, "t4": 400, "a100": 1000},
         "batch_size": {"smoke": 2, "cpu": 4, "t4": 1, "a100": 2},
         "grad_accum": {"smoke": 1, "cpu": 1, "t4": 16, "a100": 16},
     },
     "train": {
-        "rows_steps": {"smoke": 3, "cpu": 16, "t4": 300, "a100": 500},
-        "adapter_steps": {"smoke": 3, "cpu": 12, "t4": 600, "a100": 1500},
+        "rows_steps": {"smoke": 3, "cpu": 12, "t4": 300, "a100": 500},
+        "adapter_steps": {"smoke": 3, "cpu": 10, "t4": 600, "a100": 1500},
         "seq_len": {"smoke": 64, "cpu": 256, "t4": 1024, "a100": 2048},
         "batch_size": {"smoke": 2, "cpu": 4, "t4": 1, "a100": 2},
         "grad_accum": {"smoke": 1, "cpu": 1, "t4": 16, "a100": 16},
         "max_documents": {"smoke": 300, "cpu": 0, "t4": 100_000, "a100": 400_000},
-        "eval_chars": {"smoke": 1_000, "cpu": 4_000, "t4": 50_000, "a100": 100_000},
+        "eval_chars": {"smoke": 1_000, "cpu": 3_000, "t4": 50_000, "a100": 100_000},
     },
     # notebook 05 takes its real sizes from trkit.report.PROFILE_SIZES; these are only the smoke test's
     "eval": {

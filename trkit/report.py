@@ -100,7 +100,7 @@ class EvalSizes:
 # The cpu profile is the offline demo on SmolLM2: a few minutes per model on 2 cores. GPU profiles
 # measure the whole validation split, the whole core set and the lm-eval tasks.
 PROFILE_SIZES: dict[str, EvalSizes] = {
-    "cpu": EvalSizes(turkish_chars=8_000, english_chars=4_000, prompts=3, max_new_tokens=32, morph_items=150,
+    "cpu": EvalSizes(turkish_chars=6_000, english_chars=3_000, prompts=3, max_new_tokens=32, morph_items=120,
                      max_length=256, batch_size=32),
     # lm-eval on a T4 (Qwen3-8B in 4-bit) takes the first 100 documents of each task (of each of Global-MMLU's
     # 57 subjects) so the four tasks fit a free Colab session (not timed here: no GPU); the A100 runs them whole.
