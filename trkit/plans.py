@@ -2,7 +2,8 @@
 
 Every notebook's parameters cell leaves its sizes at ``None`` ("the plan's value") and calls
 :func:`plan`, so one table decides them all: the ``cpu`` column is the offline demo (real
-SmolLM2-135M, every notebook together within 20 minutes on a 2-core machine), ``smoke`` the test
+SmolLM2-135M, every notebook together aimed at 20 minutes on a 2-core machine; measured 24.6 minutes
+on one without native bf16, where it runs fp32), ``smoke`` the test
 suite's run of the same code paths with tiny sizes, ``t4`` a free Colab (Qwen3-8B in 4-bit, 15 GB),
 ``a100`` Colab Pro or any 40/80 GB card. A value passed to the notebook (papermill ``-p``) wins.
 The README's Colab plans are these numbers.
