@@ -181,7 +181,9 @@ def _nll_of_batch(model, windows: list[list[int]], n_scored: list[int], device) 
         if not args:
             raise RuntimeError("the model calls its output embedding without a positional input; trkit cannot score it")
         captured.append(args[0])
-        return (args[0][..., -1:, :], *args[1:])
+        # contiguous: a strided (batch, 1, hidden) view makes torch's matmul fall back to bmm against the head
+        # weight expanded per row (a full copy of a 69k x 576 matrix per window) whenever no tensor needs grad
+        return (args[0][..., -1:, :].contiguous(), *args[1:])
 
     handle = head.register_forward_pre_hook(one_position_per_row)
     try:
