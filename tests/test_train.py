@@ -188,6 +188,50 @@ def test_chunked_and_full_loss_train_the_same_parameters(ext_model, corpus_file,
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
 
 
+def _row_labels(cfg: train.TrainConfig, steps: int, span) -> set[int]:
+    """The new-token ids that are labels in the first ``steps`` optimizer steps of ``cfg``'s data."""
+    from trkit import loading
+
+    tok = loading.load_tokenizer(cfg.model)
+    packed = packing.pack(tok, packing.document_stream(cfg.corpus, seed=cfg.seed), cfg.seq_len)
+    seen = set()
+    for m in range(steps):  # grad_accum 1, one process
+        labels = packed.batch(train._micro_blocks(m, cfg.batch_size, len(packed), cfg.seed))["labels"]
+        seen.update(int(i) for i in labels.flatten() if span[0] <= int(i) < span[1])
+    return seen
+
+
+def test_rows_absent_from_a_step_do_not_take_adam_sized_steps(ext_model, corpus_file, tmp_path):
+    """With eps = 1e-8, Adam turns the tiny softmax push-down of an output row whose token is in no label into a
+    full lr-sized step; the rows' eps (half the gradient of one occurrence) keeps those rows almost still while
+    rows that are labels still move by ~lr per step."""
+    lr, steps = 1e-2, 4
+    span = train.new_token_range(ext_model)
+    rows = torch.arange(span[0], span[1])
+    runs = {}
+    for name, eps in (("auto", None), ("adam", 1e-8)):
+        cfg = small(ext_model, corpus_file, tmp_path / name, stage="rows", adapter="none", embedding_lr=lr,
+                    embedding_eps=eps, max_steps=steps, warmup_steps=0, max_grad_norm=0.0)
+        run = train.train(cfg)
+        delta = next(v for k, v in _adapter(run.adapter).items() if "lm_head" in k and train.TOKEN_DELTA in k)
+        groups = json.loads((Path(cfg.out) / train.CONFIG_NAME).read_text())["optimizer_groups"]
+        runs[name] = (delta, groups[0]["eps"])
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ext_model) / "model.safetensors"), "pt") as f:
+        start = f.get_tensor("lm_head.weight")[rows].float()
+    seen = _row_labels(cfg, steps, span)
+    absent = torch.tensor([i not in seen for i in rows.tolist()])
+    assert 0 < int(absent.sum()) < len(rows), "the test needs rows that are labels and rows that are not"
+    moved = {k: (d.float() - start).abs().amax(1) for k, (d, _) in runs.items()}
+    eps_auto = runs["auto"][1]
+    assert runs["adam"][1] == 1e-8 and 1e-6 < eps_auto < 1.0
+    # plain Adam: absent rows move like the rows that are labels (the bug); with the rows' eps they barely move
+    assert moved["adam"][absent].median() > 0.5 * lr * steps
+    assert moved["auto"][absent].median() < 0.01 * moved["adam"][absent].median()
+    assert moved["auto"][~absent].min() > 100 * moved["auto"][absent].median()  # rows that are labels still learn
+
+
 def _cli(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen([sys.executable, "-m", "trkit", "train", *args], cwd=ROOT, env=env,
