@@ -135,38 +135,35 @@ def part_speed(model: str, work: Path, steps: int) -> dict:
             "table_markdown": "\n".join(table)}
 
 
+GENERATION_KEYS = ("chars_per_s", "tokens_per_s", "chars_per_token", "new_token_share", "reference_new_token_share",
+                   "turkish_share", "turkish_continuations", "continuations")
+
+
 def part_stages(model: str, work: Path, rows_steps: int, adapter_steps: int, eval_chars: int, batch: int,
-                seq: int) -> dict:
+                seq: int, prompts_n: int = 10, new_tokens: int = 48, rows_lr: float = 1e-3, lr: float = 2e-4) -> dict:
+    """rows, then adapters from them; every model scored on the same texts and prompts as ``trkit evaluate``
+    scores them (generation: greedy and sampled continuations, speed over the Turkish ones)."""
     import torch
     from peft import PeftModel
 
     from trkit import assets, generation
     from trkit.evaluation import read_documents, score_documents
     from trkit.loading import load_model, load_tokenizer
+    from trkit.report import sample_documents
     from trkit.train import TrainConfig, new_token_range, train
 
-    def sample(docs, n):
-        out, c = [], 0
-        for d in docs:
-            if c >= n:
-                break
-            out.append(d)
-            c += len(d)
-        return out
-
-    turkish = sample(read_documents(assets.validation_file()), eval_chars)
-    english = sample(read_documents(assets.english_file()), eval_chars)
+    turkish = sample_documents(read_documents(assets.validation_file()), eval_chars)
+    english = sample_documents(read_documents(assets.english_file()), eval_chars)
     reference = read_documents(assets.validation_file())
-    prompts = generation.turkish_prompts(reference, 5, words=6)
-    gen = generation.GenerationSettings(prompts=5, max_new_tokens=48, sample=False)
-    base_size = new_token_range(model)[0]
+    prompts = generation.turkish_prompts(reference, prompts_n, words=8)
+    gen = generation.GenerationSettings(prompts=prompts_n, max_new_tokens=new_tokens, sample=True)
     t0 = time.perf_counter()
     rows_run = train(TrainConfig(model=model, out=str(work / "rows"), stage="rows", max_steps=rows_steps,
-                                 batch_size=batch, seq_len=seq, eval_chars=0, save_steps=0, save_minutes=0,
-                                 profile="cpu", progress=False))
+                                 batch_size=batch, seq_len=seq, embedding_lr=rows_lr, eval_chars=0, save_steps=0,
+                                 save_minutes=0, profile="cpu", progress=False))
     t_rows = time.perf_counter() - t0
     adapters_run = train(TrainConfig(model=str(work / "rows"), out=str(work / "adapters"), stage="adapters",
-                                     adapter="dora", max_steps=adapter_steps, batch_size=batch, seq_len=seq,
+                                     adapter="dora", lr=lr, max_steps=adapter_steps, batch_size=batch, seq_len=seq,
                                      eval_chars=0, save_steps=0, save_minutes=0, profile="cpu", neftune_alpha=5,
                                      progress=False))
     t_adapters = time.perf_counter() - t0 - t_rows
@@ -186,23 +183,34 @@ def part_stages(model: str, work: Path, rows_steps: int, adapter_steps: int, eva
                                progress=False)
         results[label] = {"turkish_bpc": tr.bits_per_char, "english_bpc": en.bits_per_char,
                           "turkish_tokens": tr.tokens, "english_tokens": en.tokens,
-                          "new_token_share": g.get("new_token_share"),
-                          "reference_new_token_share": g.get("reference_new_token_share"),
-                          "chars_per_token": g.get("chars_per_token"), "turkish_share": g.get("turkish_share"),
-                          "samples": [{"prompt": s["prompt"], "text": s["text"]} for s in g.get("samples", [])][:5]}
-        print(f"[stages] {label}: {results[label]['turkish_bpc']:.4f} / {results[label]['english_bpc']:.4f}, new "
-              f"{results[label]['new_token_share']}", file=sys.stderr, flush=True)
+                          "generation": {k: g.get(k) for k in GENERATION_KEYS},
+                          "generation_by_mode": {mode: {k: v.get(k) for k in GENERATION_KEYS}
+                                                 for mode, v in g["modes"].items()},
+                          "samples": [{"prompt": s["prompt"], "mode": s["mode"], "text": s["text"],
+                                       "new_tokens": s["new_tokens"], "tokens": s["content_tokens"]}
+                                      for s in g.get("samples", [])][:6]}
+        print(f"[stages] {label}: {results[label]['turkish_bpc']:.4f} / {results[label]['english_bpc']:.4f}, "
+              f"generation {results[label]['generation']}", file=sys.stderr, flush=True)
         del m
     base = results["base SmolLM2"]
     for r in results.values():
         r["turkish_vs_base"] = r["turkish_bpc"] / base["turkish_bpc"]
         r["english_change_pct"] = 100 * (r["english_bpc"] / base["english_bpc"] - 1)
-    return {"setting": f"rows {rows_steps} steps (lr 1e-3) then trkit DoRA r=16 + rows {adapter_steps} steps (lr 2e-4, "
-                       f"rows 1e-4, NEFTune 5), micro-batch {batch} x {seq}, default corpus, bf16; Turkish = first "
-                       f"{eval_chars} chars of the pooled validation split, English = first {eval_chars} chars of the "
-                       "English file; generation: 5 Turkish prompts x 48 greedy tokens",
+        g, gb = r["generation"], base["generation"]
+        r["generation_vs_base"] = {
+            "chars_per_s": g["chars_per_s"] / gb["chars_per_s"] if g["chars_per_s"] and gb["chars_per_s"] else None,
+            "chars_per_token": g["chars_per_token"] / gb["chars_per_token"] if g["chars_per_token"] and gb["chars_per_token"] else None,
+            "new_token_share_vs_reference": (g["new_token_share"] / g["reference_new_token_share"]
+                                             if g["new_token_share"] is not None and g["reference_new_token_share"] else None)}
+    return {"setting": f"rows {rows_steps} steps (lr {rows_lr:g}) then trkit DoRA r=16 + rows {adapter_steps} steps "
+                       f"(lr {lr:g}, rows lr/2, NEFTune 5), micro-batch {batch} x {seq}, default corpus, bf16 where the CPU "
+                       f"has it; Turkish = {eval_chars} chars of the validation split and English = {eval_chars} chars "
+                       f"(trkit.report.sample_documents); generation = trkit.generation.measure on {prompts_n} Turkish "
+                       f"prompts x {new_tokens} tokens, greedy + sampled (T 0.8, top-p 0.95), speed over Turkish "
+                       "continuations",
             "minutes": {"rows": t_rows / 60, "adapters": t_adapters / 60}, "models": results,
-            "goals": {"turkish_vs_base_max": 0.9, "english_change_pct_max": 2.0}}
+            "goals": {"turkish_vs_base_max": 0.9, "english_change_pct_max": 2.0, "chars_per_s_vs_base_min": 1.3,
+                      "chars_per_token_vs_base_min": 1.6, "new_token_share_vs_reference_min": 0.8}}
 
 
 def build(out: Path) -> str:
@@ -229,6 +237,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--eval-chars", type=int, default=30_000)
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rows-lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = ap.parse_args(argv)
     model = args.model or build(Path(args.build or tempfile.mkdtemp(prefix="bench-train-")))
@@ -247,7 +259,7 @@ def main(argv=None) -> dict:
         atomic_write_json(out_path, result)
     if "stages" in args.parts:
         result["stages"] = part_stages(model, work, args.rows_steps, args.adapter_steps, args.eval_chars, args.batch,
-                                       args.seq)
+                                       args.seq, args.prompts, args.new_tokens, args.rows_lr, args.lr)
         atomic_write_json(out_path, result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1, default=str)[:6000])
     return result

@@ -11,7 +11,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +30,9 @@
 # * **input rows: FVT** — a new token is the concatenation of base tokens (its merge tree), so its row
 #   starts as the mean of theirs;
 # * **output rows: `fvt_offset`** — the same mean, lowered by how unlikely the merged continuation is, so a
-#   merged token does not start as likely as its pieces and does not steal probability in English.
+#   merged token does not start as likely as its pieces and does not steal probability in English; and the
+#   **base** pieces give up, in Turkish contexts, the share of their probability that now belongs to the merged
+#   tokens starting with them (Qwen3's ` gele` rarely stands alone in the extended text: ` gelecek` took its place).
 #
 # The big model is never loaded for the surgery itself: the checkpoint is edited shard by shard, so
 # Qwen3-8B (16 GB) fits a free Colab's 12.7 GB of RAM. We then compare the base and the extended model in
@@ -111,7 +113,8 @@ pd.Series({"checkpoint": str(src), "tokenizer": str(vdir), "base vocabulary": ex
 # `fvt_offset` needs two numbers per model: a direction `d` along which every final hidden state has the
 # same projection (so a row update can act like a bias), and a scale `s`, chosen on a little calibration
 # text (Turkish training split + English) as the one with the lowest Turkish loss that keeps English within
-# 0.5%. This loads the model once (4-bit on a T4).
+# 0.5%. The base pieces' correction acts along a second direction, `d_L`, with `h·d_L ≈ 1` in Turkish and
+# `≈ 0` in English contexts, and its scale `t` is chosen the same way. This loads the model once (4-bit on a T4).
 
 # %%
 import gc
@@ -129,6 +132,12 @@ if output_init == "fvt_offset":
     display(pd.DataFrame({"Turkish loss (nats/token)": rep["turkish_nll_per_token"],  # noqa: F821 (IPython)
                           "English change vs base": rep["english_relative_change"]}).rename_axis("scale s"))
     print(f"chosen s = {offsets.scale};  h·d = {rep['direction_fit_mean']:.3f} ± {rep['direction_fit_std']:.3f}")
+    if "base_turkish_nll_per_token" in rep:
+        display(pd.DataFrame({"Turkish loss (nats/token)": rep["base_turkish_nll_per_token"],  # noqa: F821
+                              "English change vs base": rep["base_english_relative_change"]}).rename_axis("base scale t"))
+        (tr_mean, tr_std), (en_mean, en_std) = rep["language_direction_turkish"], rep["language_direction_english"]
+        print(f"chosen t = {offsets.base_scale};  h·d_L = {tr_mean:.2f} ± {tr_std:.2f} on Turkish, "
+              f"{en_mean:.2f} ± {en_std:.2f} on English")
 
 # %% [markdown]
 # ## 3. Checkpoint surgery

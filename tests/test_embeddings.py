@@ -57,6 +57,17 @@ def test_init_rules(qwen_ext):
         assert torch.allclose(x[i], trained[ext.constituents[i]].mean(0) + 0.5 * b[j] * d, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         emb.init_new_rows(x, ext, "fvt_offset", offsets=emb.OffsetStats(torch.zeros(4), b))
+    # the base half: every base row moves by t a_c d_L, the new rows do not; t = 0 (or no statistics) changes nothing
+    a = -torch.rand(ext.base_vocab_size)
+    d_lang = torch.randn(8)
+    y = x.clone()
+    emb.correct_base_rows(y, ext, emb.OffsetStats(d, b, 0.5, base_log_share=a, language_direction=d_lang, base_scale=0.5))
+    assert torch.allclose(y[: ext.base_vocab_size], x[: ext.base_vocab_size] + 0.5 * a[:, None] * d_lang, atol=1e-6)
+    assert torch.equal(y[ext.base_vocab_size :], x[ext.base_vocab_size :])
+    for off in (stats, emb.OffsetStats(d, b, 0.5, base_log_share=a, language_direction=d_lang, base_scale=0.0), None):
+        z = x.clone()
+        emb.correct_base_rows(z, ext, off)
+        assert torch.equal(z, x)
 
 
 def test_every_id_from_base_is_reinitialised(qwen_ext):
@@ -73,7 +84,9 @@ def test_checkpoint_and_in_memory_paths_agree_untied(qwen_ext, tiny_qwen3_dir, t
 
     from trkit import assets
 
-    stats = emb.OffsetStats(torch.linspace(-1, 1, 64), -torch.rand(len(qwen_ext.new_ids)) * 5, scale=0.5)
+    stats = emb.OffsetStats(torch.linspace(-1, 1, 64), -torch.rand(len(qwen_ext.new_ids)) * 5, scale=0.5,
+                            base_log_share=-torch.rand(qwen_ext.base_vocab_size) * 3,
+                            language_direction=torch.linspace(1, -1, 64) / 8, base_scale=0.75)
     out = tmp_path / "ext"
     manifest = emb.extend_checkpoint(tiny_qwen3_dir, qwen_ext, out, init=init, output_init=output_init,
                                      offsets=stats, progress=False)
@@ -88,6 +101,9 @@ def test_checkpoint_and_in_memory_paths_agree_untied(qwen_ext, tiny_qwen3_dir, t
     for k, v in source.items():  # untouched tensors copied byte for byte
         if "embed_tokens" not in k and "lm_head" not in k:
             assert torch.equal(v, on_disk[k])
+        elif k == "lm_head.weight" and output_init == "fvt_offset":  # base rows: u_c + t a_c d_L
+            want = v[: qwen_ext.base_vocab_size].float() + 0.75 * stats.base_log_share[:, None] * stats.language_direction
+            assert torch.allclose(on_disk[k][: qwen_ext.base_vocab_size].float(), want, atol=1e-6)
         else:
             assert torch.equal(v[: qwen_ext.base_vocab_size], on_disk[k][: qwen_ext.base_vocab_size])
     config = json.loads((out / "config.json").read_text())
@@ -331,10 +347,40 @@ def test_estimate_offset_stats_and_roundtrip(qwen_ext, qwen3_tokenizer, tmp_path
     allowed = [s for s in emb.OFFSET_SCALES if rep["english_relative_change"][str(s)] <= emb.ENGLISH_TOLERANCE]
     if allowed:  # the chosen scale: lowest Turkish loss among those that keep English
         assert stats.scale == min(allowed, key=lambda s: rep["turkish_nll_per_token"][str(s)])
+    # the base rows' split: a_c <= 0, one per base id; d_L separates the Turkish from the English states
+    assert stats.base_log_share.shape == (qwen_ext.base_vocab_size,) and (stats.base_log_share <= 0).all()
+    assert stats.language_direction.shape == (64,) and stats.base_scale in emb.BASE_SCALES
+    tr_fit, en_fit = rep["language_direction_turkish"][0], rep["language_direction_english"][0]
+    assert tr_fit > en_fit
+    assert set(rep["base_turkish_nll_per_token"]) == set(rep["base_english_relative_change"]) == {str(t) for t in emb.BASE_SCALES}
     stats.save(tmp_path / "s.json")
     again = emb.OffsetStats.load(tmp_path / "s.json")
     assert torch.equal(again.direction, stats.direction) and torch.equal(again.log_continuation, stats.log_continuation)
-    assert again.scale == stats.scale and again.report == rep
+    assert again.scale == stats.scale and again.report == rep and again.base_scale == stats.base_scale
+    assert torch.equal(again.base_log_share, stats.base_log_share)
+    assert torch.equal(again.language_direction, stats.language_direction)
+    # statistics written before the base rows' split load as "no base correction"
+    old = json.loads((tmp_path / "s.json").read_text())
+    for k in ("base_log_share", "language_direction", "base_scale"):
+        old.pop(k)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert not emb.OffsetStats.load(tmp_path / "old.json").corrects_base_rows
+
+
+def test_base_log_share_counts_the_boundaries_where_the_base_token_survives(qwen_ext):
+    """a_c = log((n_ext(c) + 1/2) / (D(c) + 1)), D(c) = n_ext(c) + the counts of the new tokens that start with c."""
+    ext = qwen_ext
+    n_ext = torch.zeros(ext.vocab_size, dtype=torch.float64)
+    w = ext.new_ids[0]
+    c = ext.constituents[w][0]
+    family = [i for i in ext.new_ids if ext.constituents[i][0] == c]
+    n_ext[c] = 3
+    for i in family:
+        n_ext[i] = 10
+    a = emb.base_log_share(ext, n_ext)
+    assert a[c].item() == pytest.approx(float(torch.log(torch.tensor(3.5 / (3 + 10 * len(family) + 1)))), rel=1e-5)
+    other = next(i for i in range(ext.base_vocab_size) if i != c)
+    assert a[other].item() == pytest.approx(float(torch.log(torch.tensor(0.5))))  # never seen: log(1/2 / 1)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,19 @@ first constituent's row) and the default ``fvt_offset``:
   Measured on SmolLM2-135M + 20k Turkish tokens (benchmarks/bench_embeddings.py): plain ``fvt``
   moves English bits per character by +1.4%, ``fvt_offset`` by +0.2%, and Turkish gets better too.
 
+  The base half of ``fvt_offset``: in the extended text a base token ``c`` is emitted only where no
+  merge absorbs it. Where the base model would emit ``c`` next, the extended tokenizer emits ``c`` itself
+  at a share ``exp(a_c)`` of those token boundaries and a merged token that starts with ``c`` at the rest,
+  so the base output row keeps only that share of ``c``'s probability: ``u_c += t * a_c * d_L`` with
+  ``a_c = log((n_ext(c) + 1/2) / (D(c) + 1))``, ``D(c) = n_ext(c) + sum_{w starts with c} n_ext(w)``
+  (counted on the corpus). Without it the base pieces keep the probability their merged forms should
+  take, and a Turkish word keeps being started with its first piece. ``d_L`` is the ridge solution of
+  ``h . d_L = 1`` on Turkish and ``0`` on English calibration states, so the correction acts in Turkish
+  contexts only (an English `` a`` keeps its probability though Turkish merges start with it); ``t``
+  is chosen on the calibration text from {0, 1/4, 1/2, 3/4, 1} like ``s``. Measured on SmolLM2 + 20k
+  (notebook 02 / ``benchmarks/bench_embeddings.py``): Turkish BPC at init 3.269 -> 3.237 (t = 1), English
+  +0.17%; the same correction along ``d`` (every context) cost English 4%.
+
 A model with tied embeddings (SmolLM2, Qwen3-0.6B..4B) keeps them tied when the output rule is the
 input rule; otherwise the output matrix is untied (``lm_head.weight`` written separately,
 ``tie_word_embeddings=false``), which costs one more ``rows x hidden`` matrix.
@@ -243,27 +256,40 @@ class OffsetStats:
     log_continuation: "torch.Tensor"
     scale: float = 0.5
     report: dict = field(default_factory=dict)
+    # the base rows' split (module doc): a_c for every base id, the Turkish direction d_L, the scale t
+    base_log_share: "torch.Tensor | None" = None
+    language_direction: "torch.Tensor | None" = None
+    base_scale: float = 0.0
 
     def offsets(self) -> "torch.Tensor":
         return self.scale * self.log_continuation.float()
+
+    @property
+    def corrects_base_rows(self) -> bool:
+        return self.base_scale > 0 and self.base_log_share is not None and self.language_direction is not None
 
     def save(self, path: str | os.PathLike) -> Path:
         """JSON (not a .safetensors file: serving tools load every *.safetensors in a model dir).
         float32 values round-trip exactly through JSON's doubles."""
         from trkit.artifacts import atomic_write_json
 
-        return atomic_write_json(path, {"scale": float(self.scale), "report": self.report,
-                                        "direction": self.direction.float().tolist(),
-                                        "log_continuation": self.log_continuation.float().tolist()})
+        data = {"scale": float(self.scale), "report": self.report, "direction": self.direction.float().tolist(),
+                "log_continuation": self.log_continuation.float().tolist(), "base_scale": float(self.base_scale)}
+        if self.base_log_share is not None and self.language_direction is not None:
+            data["base_log_share"] = self.base_log_share.float().tolist()
+            data["language_direction"] = self.language_direction.float().tolist()
+        return atomic_write_json(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OffsetStats":
         import torch
 
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        optional = {k: torch.tensor(data[k], dtype=torch.float32) for k in ("base_log_share", "language_direction")
+                    if k in data}
         return cls(torch.tensor(data["direction"], dtype=torch.float32),
                    torch.tensor(data["log_continuation"], dtype=torch.float32), float(data["scale"]),
-                   data.get("report", {}))
+                   data.get("report", {}), base_scale=float(data.get("base_scale", 0.0)), **optional)
 
 
 def init_new_rows(
@@ -326,6 +352,31 @@ def init_new_rows(
     check_finite(weight, n_rows, "initialised embedding")
 
 
+def correct_base_rows(weight: "torch.Tensor", ext: Extension, offsets: OffsetStats | None, *,
+                      progress: bool = False) -> None:
+    """The base half of ``fvt_offset`` (module doc): ``u_c += t * a_c * d_L`` for every base id ``c``, in place.
+
+    A no-op unless ``offsets`` carries the split (``base_scale > 0``). Computed in float32 per chunk."""
+    import torch
+    from trkit.progress import tqdm
+
+    if offsets is None or not offsets.corrects_base_rows:
+        return
+    base = ext.base_vocab_size
+    if offsets.base_log_share.numel() != base or offsets.language_direction.numel() != weight.shape[1]:
+        raise ValueError(f"base-row statistics for {offsets.base_log_share.numel()} tokens / hidden "
+                         f"{offsets.language_direction.numel()} do not fit this extension ({base} base tokens) and "
+                         f"matrix (hidden {weight.shape[1]}): estimate them for this model and tokenizer")
+    shift = (offsets.base_scale * offsets.base_log_share.float())
+    d = offsets.language_direction.float()
+    with torch.no_grad():
+        for lo in tqdm(range(0, base, CHUNK_ROWS * 8), desc="base output rows", disable=not progress, unit="chunk"):
+            hi = min(base, lo + CHUNK_ROWS * 8)
+            rows = weight[lo:hi].float().cpu() + shift[lo:hi, None] * d[None, :]
+            weight[lo:hi] = rows.to(device=weight.device, dtype=weight.dtype)
+    check_finite(weight, weight.shape[0], "corrected output embedding")
+
+
 # --------------------------------------------------------------------------------------------
 # In-memory path
 # --------------------------------------------------------------------------------------------
@@ -383,6 +434,8 @@ def extend_model(
         if has_output and not tied:
             init_new_rows(model.get_output_embeddings().weight.data, ext, output_init, seed=seed + 1, offsets=offsets,
                           progress=progress, desc="output rows")
+            if output_init == "fvt_offset":
+                correct_base_rows(model.get_output_embeddings().weight.data, ext, offsets, progress=progress)
     model.config.vocab_size = rows
     return model
 
@@ -402,16 +455,14 @@ def _check_methods(init: str, output_init: str, offsets: "OffsetStats | None") -
 # --------------------------------------------------------------------------------------------
 
 OFFSET_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+BASE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 ENGLISH_TOLERANCE = 0.005  # relative English loss increase allowed when choosing the scale
 
 
-def log_continuation(ext: Extension, base_tokenizer, ext_tokenizer, documents: Iterable[str],
-                     batch: int = 2000) -> "torch.Tensor":
-    """``b_w = log((n_ext(w) + 1/2) / (n_base(c_1) + 1))`` for every new id, counted on ``documents``.
-
-    ``n_base(c_1)``: how often the base tokenizer emits ``w``'s first constituent; ``n_ext(w)``:
-    how often the extended tokenizer emits ``w`` (each such ``w`` starts at one of those ``c_1``).
-    """
+def token_counts(ext: Extension, base_tokenizer, ext_tokenizer, documents: Iterable[str],
+                 batch: int = 2000) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(n_base, n_ext)``: how often each id occurs in the base and in the extended tokenizer's encoding
+    of ``documents`` (float64 vectors of ``len(base)`` and ``len(extended)``)."""
     import torch
 
     docs = list(documents)
@@ -423,9 +474,40 @@ def log_continuation(ext: Extension, base_tokenizer, ext_tokenizer, documents: I
         for counts, tok in ((n_base, base_tokenizer), (n_ext, ext_tokenizer)):
             ids = [i for seq in tok(docs[lo : lo + batch], add_special_tokens=False)["input_ids"] for i in seq]
             counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(counts))[: len(counts)].double()
-    first = torch.tensor([ext.constituents[i][0] for i in ext.new_ids])
-    b = torch.log((n_ext[ext.base_vocab_size :] + 0.5) / (n_base[first] + 1.0))
+    return n_base, n_ext
+
+
+def _first_constituents(ext: Extension) -> "torch.Tensor":
+    import torch
+
+    return torch.tensor([ext.constituents[i][0] for i in ext.new_ids], dtype=torch.long)
+
+
+def log_continuation(ext: Extension, base_tokenizer, ext_tokenizer, documents: Iterable[str],
+                     batch: int = 2000, counts: tuple | None = None) -> "torch.Tensor":
+    """``b_w = log((n_ext(w) + 1/2) / (n_base(c_1) + 1))`` for every new id, counted on ``documents``.
+
+    ``n_base(c_1)``: how often the base tokenizer emits ``w``'s first constituent; ``n_ext(w)``:
+    how often the extended tokenizer emits ``w`` (each such ``w`` starts at one of those ``c_1``).
+    ``counts``: :func:`token_counts` already computed on ``documents``.
+    """
+    import torch
+
+    n_base, n_ext = counts if counts is not None else token_counts(ext, base_tokenizer, ext_tokenizer, documents, batch)
+    b = torch.log((n_ext[ext.base_vocab_size :] + 0.5) / (n_base[_first_constituents(ext)] + 1.0))
     return b.clamp(max=0.0).float()
+
+
+def base_log_share(ext: Extension, n_ext: "torch.Tensor") -> "torch.Tensor":
+    """``a_c = log((n_ext(c) + 1/2) / (D(c) + 1))`` for every base id ``c``, with
+    ``D(c) = n_ext(c) + sum of n_ext(w) over new tokens w whose first constituent is c``: of the places where
+    the extended text has a token boundary and the base model would emit ``c`` next, the share where the
+    extended tokenizer emits ``c`` itself (elsewhere a merged token starting with ``c`` takes its place)."""
+    import torch
+
+    base = ext.base_vocab_size
+    d = n_ext[:base].clone().index_add_(0, _first_constituents(ext), n_ext[base : ext.vocab_size])
+    return torch.log((n_ext[:base] + 0.5) / (d + 1.0)).clamp(max=0.0).float()
 
 
 def final_hidden_states(model, tokenizer, documents: Sequence[str], *, max_length: int = 512, batch_size: int = 8,
@@ -486,32 +568,58 @@ def constant_direction(hidden: "torch.Tensor", ridge: float = 1e-3) -> "torch.Te
     return d.float()
 
 
-def _nll_with_new_rows(hidden, targets, head_weight, new_lo: int, new_rows_fvt, b, d, scales, chunk: int = 1024):
-    """Summed NLL (nats) of ``targets`` for each scale, with output rows ``fvt + s b d`` for the new ids."""
+def _nll_with_new_rows(hidden, targets, head_weight, new_lo: int, new_rows_fvt, b, d, scales, chunk: int = 1024,
+                       base_shift=None, language_direction=None, base_scales=(0.0,)):
+    """Summed NLL (nats) of ``targets`` with output rows ``fvt + s b d`` for the new ids and, with
+    ``base_shift`` (``a``) and ``language_direction`` (``d_L``), ``u_c + t a_c d_L`` for the base ids; one value
+    per ``(s, t)`` in ``scales x base_scales`` (a ``len(scales) x len(base_scales)`` tensor)."""
     import torch
 
     device = head_weight.device
-    out = torch.zeros(len(scales), dtype=torch.float64)
+    out = torch.zeros(len(scales), len(base_scales), dtype=torch.float64)
     w_old = torch.cat([head_weight[:new_lo], head_weight[new_lo + len(b) :]]).float()  # trained + padding rows
     fvt_t = new_rows_fvt.float().to(device).T
     b = b.float().to(device)
     d = d.float().to(device)
+    if base_shift is not None:
+        base_shift = base_shift.float().to(device)
+        language_direction = language_direction.float().to(device)
     for lo in range(0, len(hidden), chunk):
         h = hidden[lo : lo + chunk].to(device)
         t = targets[lo : lo + chunk].to(device)
-        old = h @ w_old.T
-        old_lse = torch.logsumexp(old, -1)
+        old0 = h @ w_old.T
         new0 = h @ fvt_t
         hd = h @ d
+        hl = h @ language_direction if base_shift is not None else None
         is_new = (t >= new_lo) & (t < new_lo + len(b))
         t_old = torch.where(t >= new_lo + len(b), t - len(b), t).clamp(max=w_old.shape[0] - 1)
-        for k, s in enumerate(scales):
-            new = new0 + s * hd[:, None] * b[None, :]
-            lse = torch.logaddexp(old_lse, torch.logsumexp(new, -1))
-            tgt = torch.where(is_new, new.gather(1, (t - new_lo).clamp(0, len(b) - 1)[:, None])[:, 0],
-                              old.gather(1, t_old[:, None])[:, 0])
-            out[k] += (lse - tgt).double().sum().cpu()
+        for j, ts in enumerate(base_scales):
+            old = old0
+            if base_shift is not None and ts:
+                old = old0.clone()
+                old[:, : len(base_shift)] += ts * hl[:, None] * base_shift[None, :]
+            old_lse = torch.logsumexp(old, -1)
+            old_tgt = old.gather(1, t_old[:, None])[:, 0]
+            for k, s in enumerate(scales):
+                new = new0 + s * hd[:, None] * b[None, :]
+                lse = torch.logaddexp(old_lse, torch.logsumexp(new, -1))
+                tgt = torch.where(is_new, new.gather(1, (t - new_lo).clamp(0, len(b) - 1)[:, None])[:, 0], old_tgt)
+                out[k, j] += (lse - tgt).double().sum().cpu()
     return out
+
+
+def language_direction(turkish_hidden: "torch.Tensor", english_hidden: "torch.Tensor",
+                       ridge: float = 1e-3) -> "torch.Tensor":
+    """Ridge solution of ``h . d_L = 1`` on Turkish and ``= 0`` on English final hidden states: an update
+    ``a * d_L`` of an output row moves its logit by about ``a`` in Turkish contexts and leaves English ones
+    alone (on SmolLM2 + 20k: ``h . d_L`` = 0.98 +- 0.08 on held-out Turkish, 0.03 +- 0.15 on English)."""
+    import torch
+
+    h = torch.cat([turkish_hidden, english_hidden]).double()
+    y = torch.cat([torch.ones(len(turkish_hidden)), torch.zeros(len(english_hidden))]).double()
+    gram = h.T @ h
+    lam = ridge * gram.diagonal().mean()
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), h.T @ y).float()
 
 
 def estimate_offset_stats(
@@ -525,27 +633,31 @@ def estimate_offset_stats(
     count_documents: Iterable[str] | None = None,
     init: str = DEFAULT_INIT,
     scales: Sequence[float] = OFFSET_SCALES,
+    base_scales: Sequence[float] = BASE_SCALES,
     english_tolerance: float = ENGLISH_TOLERANCE,
     max_length: int = 512,
     batch_size: int = 8,
     progress: bool = False,
 ) -> OffsetStats:
-    """Estimate ``d``, ``b_w`` and choose ``s`` for the ``fvt_offset`` rule.
+    """Estimate ``d``, ``b_w`` and choose ``s``, then the base rows' ``a_c``, ``d_L`` and ``t``, for ``fvt_offset``.
 
     ``model`` is the **base** model; it is extended in place with ``init`` input rows and ``fvt``
     output rows (load a fresh copy for the checkpoint path; 4-bit is fine). ``turkish`` /
     ``english``: a little calibration text (tens of KB; not the evaluation text). ``count_documents``
-    (default ``turkish``): text to count ``b_w`` on, ideally the corpus the vocabulary was learned on.
-    ``s`` is the scale with the lowest Turkish loss among those whose English loss is within
+    (default ``turkish``): text to count ``b_w`` and ``a_c`` on, ideally the corpus the vocabulary was
+    learned on. ``s`` is the scale with the lowest Turkish loss among those whose English loss is within
     ``english_tolerance`` (relative) of the base model's on the same English text (or the lowest
-    English loss if none is); without English text, the lowest Turkish loss.
+    English loss if none is); without English text, the lowest Turkish loss. ``t`` is then chosen the same
+    way from ``base_scales`` with ``s`` fixed; without English text there is no ``d_L`` and ``t = 0``.
     """
     import torch
 
     ext = ext if isinstance(ext, Extension) else load_extension(ext)
     extend_model(model, ext, init=init, output_init="fvt")
     head = model.get_output_embeddings().weight
-    b = log_continuation(ext, base_tokenizer, ext_tokenizer, count_documents if count_documents is not None else turkish)
+    counts = token_counts(ext, base_tokenizer, ext_tokenizer, count_documents if count_documents is not None else turkish)
+    b = log_continuation(ext, base_tokenizer, ext_tokenizer, (), counts=counts)
+    a = base_log_share(ext, counts[1])
     h_tr, t_tr = final_hidden_states(model, ext_tokenizer, turkish, max_length=max_length, batch_size=batch_size,
                                      progress=progress)
     parts = [h_tr]
@@ -558,23 +670,47 @@ def estimate_offset_stats(
     d = constant_direction(torch.cat(parts))
     proj = torch.cat(parts) @ d
     report.update(direction_fit_mean=float(proj.mean()), direction_fit_std=float(proj.std()))
+    d_lang = None
+    if english:
+        d_lang = language_direction(h_tr, h_en)
+        report.update(language_direction_turkish=[float((h_tr @ d_lang).mean()), float((h_tr @ d_lang).std())],
+                      language_direction_english=[float((h_en @ d_lang).mean()), float((h_en @ d_lang).std())])
+
+    def choose(nll_tr, nll_en, base_en, values) -> int:
+        ok = list(range(len(values)))
+        if nll_en is not None:
+            rel = [float(v) / base_en - 1.0 for v in nll_en]
+            ok = [k for k in range(len(values)) if rel[k] <= english_tolerance] or [int(min(range(len(values)), key=rel.__getitem__))]
+        return min(ok, key=lambda k: float(nll_tr[k]))
+
     with torch.no_grad():
         fvt_rows = head[ext.base_vocab_size : ext.vocab_size].detach()
-        nll_tr = _nll_with_new_rows(h_tr, t_tr, head.detach(), ext.base_vocab_size, fvt_rows, b, d, scales)
+        w = head.detach()
+        nll_tr = _nll_with_new_rows(h_tr, t_tr, w, ext.base_vocab_size, fvt_rows, b, d, scales)[:, 0]
         report["turkish_nll_per_token"] = {str(s): float(v) / len(t_tr) for s, v in zip(scales, nll_tr)}
-        ok = list(range(len(scales)))
+        nll_en = base_en = None
         if english:
-            nll_en = _nll_with_new_rows(h_en, t_en, head.detach(), ext.base_vocab_size, fvt_rows, b, d, scales)
+            nll_en = _nll_with_new_rows(h_en, t_en, w, ext.base_vocab_size, fvt_rows, b, d, scales)[:, 0]
             w_base = head[: ext.base_vocab_size].detach().float()
             base_en = sum(float(torch.nn.functional.cross_entropy(h_b[lo : lo + 1024].to(w_base.device) @ w_base.T,
                                                                   t_b[lo : lo + 1024].to(w_base.device), reduction="sum"))
                           for lo in range(0, len(h_b), 1024))
-            rel = [float(v) / base_en - 1.0 for v in nll_en]
-            report["english_relative_change"] = {str(s): r for s, r in zip(scales, rel)}
-            ok = [k for k in range(len(scales)) if rel[k] <= english_tolerance] or [int(min(range(len(scales)), key=rel.__getitem__))]
-        best = min(ok, key=lambda k: float(nll_tr[k]))
+            report["english_relative_change"] = {str(s): float(v) / base_en - 1.0 for s, v in zip(scales, nll_en)}
+        best = choose(nll_tr, nll_en, base_en, scales)
+        base_scale = 0.0
+        if d_lang is not None and len(base_scales) > 1:
+            s_best = [scales[best]]
+            kw = dict(base_shift=a, language_direction=d_lang, base_scales=base_scales)
+            bt = _nll_with_new_rows(h_tr, t_tr, w, ext.base_vocab_size, fvt_rows, b, d, s_best, **kw)[0]
+            be = _nll_with_new_rows(h_en, t_en, w, ext.base_vocab_size, fvt_rows, b, d, s_best, **kw)[0]
+            report["base_turkish_nll_per_token"] = {str(t): float(v) / len(t_tr) for t, v in zip(base_scales, bt)}
+            report["base_english_relative_change"] = {str(t): float(v) / base_en - 1.0 for t, v in zip(base_scales, be)}
+            base_scale = float(base_scales[choose(bt, be, base_en, base_scales)])
     report["english_tolerance"] = english_tolerance
-    return OffsetStats(direction=d, log_continuation=b, scale=float(scales[best]), report=report)
+    report["base_scale"] = base_scale
+    return OffsetStats(direction=d, log_continuation=b, scale=float(scales[best]), report=report,
+                       base_log_share=a if d_lang is not None else None, language_direction=d_lang,
+                       base_scale=base_scale)
 
 
 def default_calibration_text(turkish_chars: int = 40_000, english_chars: int = 12_000, seed: int = 0,
@@ -717,6 +853,8 @@ def extend_checkpoint(
             new = read_rows_into(src / wmap[from_key], from_key, rows)
             init_new_rows(new, ext, method, seed=seed_, offsets=offsets if key == OUTPUT_KEY else None,
                           progress=progress, desc=desc)
+            if key == OUTPUT_KEY and method == "fvt_offset":
+                correct_base_rows(new, ext, offsets, progress=progress)
             return new
         return build
 
@@ -889,7 +1027,7 @@ def run_cli(args: argparse.Namespace) -> int:
             del model
             gc.collect()
             print(f"fvt_offset: scale {offsets.scale}, h.d = {offsets.report['direction_fit_mean']:.3f} "
-                  f"+- {offsets.report['direction_fit_std']:.3f}", file=sys.stderr)
+                  f"+- {offsets.report['direction_fit_std']:.3f}; base rows scale {offsets.base_scale}", file=sys.stderr)
     manifest = extend_checkpoint(src, ext, args.out, init=args.init, output_init=args.output_init, offsets=offsets,
                                  base_tokenizer=base_tok_dir, seed=args.seed, link=not args.copy,
                                  overwrite=args.overwrite, progress=not args.quiet, dtype=args.save_dtype)
