@@ -3,7 +3,8 @@
 Measures, in one run on the same machine:
   * Turkish validation and English bits per character of the base model, and of the extended model
     at init with fvt / mean / random (the same rule for input and output rows, tied as the base)
-    and with trkit's default (fvt inputs, fvt_offset outputs, untied);
+    and with trkit's default (fvt inputs, fvt_offset outputs, untied), with and without fvt_offset's base
+    rows' split (the base pieces' share that merged tokens took, in Turkish contexts);
   * the same after training only the new rows (input + output) on the Turkish training split;
   * peak RSS of checkpoint surgery vs loading the model whole (each in its own subprocess).
 
@@ -191,9 +192,16 @@ def main(argv=None) -> dict:
     model = fresh()
     t_cal = time.perf_counter()
     stats = emb.estimate_offset_stats(model, ext, tok_base, tok_ext, cal_tr, cal_en, count_documents=train_docs)
-    emb.extend_model(model, ext, init="fvt", output_init="fvt_offset", offsets=stats)
     result["calibration_seconds"] = time.perf_counter() - t_cal
     result["offset_stats"] = {"scale": stats.scale, **stats.report}
+    # the new rows' offsets alone (base rows as the base model has them), then the default with the base rows' split
+    import dataclasses
+
+    only_new = emb.extend_model(fresh(), ext, init="fvt", output_init="fvt_offset",
+                                offsets=dataclasses.replace(stats, base_scale=0.0))
+    rows["fvt+fvt_offset, new rows only"] = bpc_pair(only_new, tok_ext, turkish, english, args.batch_size)
+    del only_new
+    emb.extend_model(model, ext, init="fvt", output_init="fvt_offset", offsets=stats)
     stats_path = work / emb.OFFSET_STATS_NAME
     stats.save(stats_path)
     rows["fvt+fvt_offset"] = bpc_pair(model, tok_ext, turkish, english, args.batch_size)

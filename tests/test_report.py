@@ -84,6 +84,10 @@ def test_markdown_tables(cli_run):
     assert f"{rep['models'][1]['bits_per_char']['turkish']:.4f}" in row
     assert "kanarya-2b 78.4" in md and "6 of the 1836 core items" in md
     assert "not run on the cpu profile" in md
+    # greedy and sampled continuations also reported apart: one row per model and mode
+    by_mode = md.split("### Generation by decoding mode")[1].split("###")[0]
+    assert sum(line.startswith(("| base | greedy", "| ext | greedy", "| base | sampled", "| ext | sampled"))
+               for line in by_mode.splitlines()) == 4
 
 
 def test_plots_are_figures(cli_run):

@@ -446,6 +446,25 @@ def markdown_tables(report: dict) -> str:
                f"up to {sizes.get('max_new_tokens')} new tokens each. Speed and chars/token count Turkish continuations "
                "only (× = ratio to the first row); new-token share over all generated tokens, beside the share in the "
                "tokenizer's own encoding of the Turkish text.")
+    from trkit.generation import GenerationSettings
+
+    defaults = GenerationSettings()
+    modes = [mode for mode in ("greedy", "sampled") if any(mode in (m["generation"].get("modes") or {}) for m in models)]
+    if len(modes) > 1:  # greedy continuations of small models loop on a few short tokens; sampled ones read as text
+        head = ["model", "mode", "chars/s", "chars/token", "new-token share", "Turkish continuations"]
+        rows = []
+        for mode in modes:
+            b0 = (g0.get("modes") or {}).get(mode, {})
+            for m in models:
+                g = (m["generation"].get("modes") or {}).get(mode)
+                if g:
+                    rows.append([m["label"], mode, _f(g["chars_per_s"], "{:.1f}") + _ratio(g["chars_per_s"], b0.get("chars_per_s")),
+                                 _f(g["chars_per_token"], "{:.2f}") + _ratio(g["chars_per_token"], b0.get("chars_per_token")),
+                                 _pct(g["new_token_share"]), f"{g['turkish_continuations']}/{g['continuations']}"])
+        out.append("### Generation by decoding mode\n\n" + _table(head, rows) +
+                   "\n\nThe same continuations split by mode (× = ratio to the first model in the same mode). Greedy "
+                   "continuations of a small model tend to loop on a few short, frequent tokens; sampled ones "
+                   f"(temperature {defaults.temperature}, top-p {defaults.top_p}) are closer to what the model writes.")
 
     info = report.get("turkmorfbench_info", {})
     head = ["model", "accuracy", "95% interval (stems)", "real stems", "nonce stems", "items"]
