@@ -1,6 +1,6 @@
 """Benchmark the training stage on CPU with SmolLM2-135M + its 20k Turkish extension (real weights).
 
-Three parts, each a JSON section of ``benchmarks/results/train.json``:
+Four parts, each a JSON section of ``benchmarks/results/train.json``:
 
 * ``loss``: ``--loss chunked`` vs ``--loss full`` at micro-batch 4 x 1024 tokens, each run in a fresh
   process (peak RSS = the process's VmHWM), interleaved chunked/full/chunked/full; step time = median
@@ -10,10 +10,13 @@ Three parts, each a JSON section of ``benchmarks/results/train.json``:
   (AdamW, 8-bit AdamW, SophiaG), micro-batch 4 x 256, fresh process each, ratios against LoRA+AdamW.
 * ``stages``: a ``--stage rows`` run then a ``--stage adapters`` run from it on the default corpus;
   Turkish (held-out validation) and English bits per character of base SmolLM2, the extended model
-  at init, after rows and after adapters, and the share of new tokens in greedy Turkish continuations
-  (trkit.generation) against the share in the tokenizer's own encoding of Turkish reference text.
+  at init, after rows and after adapters, and generation as ``trkit evaluate`` measures it (greedy and
+  sampled Turkish continuations: chars/s, chars per token, share of new tokens against the share in the
+  tokenizer's own encoding of Turkish reference text), with ratios to the base model.
+* ``eps``: ``--stage rows`` runs that differ only in the AdamW eps of the new rows (``--embedding-eps``),
+  Turkish/English bits per character before and after.
 
-Usage: ``python benchmarks/bench_train.py --model EXT_DIR [--parts loss speed stages]`` where EXT_DIR
+Usage: ``python benchmarks/bench_train.py --model EXT_DIR [--parts loss speed stages eps]`` where EXT_DIR
 is ``trkit embed``'s output for SmolLM2 (built if missing: ``--build DIR``).
 """
 
@@ -135,6 +138,32 @@ def part_speed(model: str, work: Path, steps: int) -> dict:
             "table_markdown": "\n".join(table)}
 
 
+def part_eps(model: str, work: Path, steps: int, batch: int, seq: int, eval_chars: int, lr: float = 1e-3,
+             eps_values=(1e-8, 1e-5, 1e-4, 1e-3, 1e-2, None)) -> dict:
+    """``--stage rows`` for ``steps`` steps with each AdamW eps of the new rows (None = trkit's default,
+    half the gradient of one occurrence); Turkish / English BPC before and after, same data and seed."""
+    from trkit.train import CONFIG_NAME, TrainConfig, train
+
+    rows = []
+    for eps in eps_values:
+        out = work / f"eps-{eps}"
+        run = train(TrainConfig(model=model, out=str(out), stage="rows", max_steps=steps, batch_size=batch,
+                                seq_len=seq, embedding_lr=lr, embedding_eps=eps, eval_chars=eval_chars, save_steps=0,
+                                save_minutes=0, profile="cpu", progress=False))
+        evals = [r for r in run.log if "eval/turkish_bpc" in r]
+        used = json.loads((out / CONFIG_NAME).read_text())["optimizer_groups"][0]["eps"]
+        rows.append({"eps": eps, "eps_used": used, "turkish_bpc_before": evals[0]["eval/turkish_bpc"],
+                     "turkish_bpc_after": evals[-1]["eval/turkish_bpc"], "english_bpc_before": evals[0]["eval/english_bpc"],
+                     "english_bpc_after": evals[-1]["eval/english_bpc"],
+                     "turkish_change_pct": 100 * (evals[-1]["eval/turkish_bpc"] / evals[0]["eval/turkish_bpc"] - 1),
+                     "minutes": run.seconds / 60})
+        print(f"[eps] {eps} (used {used:.3g}): Turkish {rows[-1]['turkish_bpc_before']:.4f} -> "
+              f"{rows[-1]['turkish_bpc_after']:.4f}", file=sys.stderr, flush=True)
+    return {"setting": f"--stage rows, {steps} steps x {batch} x {seq}, lr {lr:g}, bf16 where the CPU has it; BPC on "
+                       f"{eval_chars} chars of Turkish validation and English text (the training stage's own eval)",
+            "rows": rows}
+
+
 GENERATION_KEYS = ("chars_per_s", "tokens_per_s", "chars_per_token", "new_token_share", "reference_new_token_share",
                    "turkish_share", "turkish_continuations", "continuations")
 
@@ -228,7 +257,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="SmolLM2 extended checkpoint (trkit embed output)")
     ap.add_argument("--build", help="build the extension here when --model is not given")
-    ap.add_argument("--parts", nargs="+", default=["loss", "speed", "stages"], choices=["loss", "speed", "stages"])
+    ap.add_argument("--parts", nargs="+", default=["loss", "speed", "stages"], choices=["loss", "speed", "stages", "eps"])
     ap.add_argument("--loss-steps", type=int, default=4)
     ap.add_argument("--checkpointing", choices=("on", "off"), default="on")
     ap.add_argument("--speed-steps", type=int, default=6)
@@ -240,6 +269,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rows-lr", type=float, default=1e-3)
+    ap.add_argument("--eps-steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = ap.parse_args(argv)
@@ -260,6 +290,10 @@ def main(argv=None) -> dict:
     if "stages" in args.parts:
         result["stages"] = part_stages(model, work, args.rows_steps, args.adapter_steps, args.eval_chars, args.batch,
                                        args.seq, args.prompts, args.new_tokens, args.rows_lr, args.lr)
+        atomic_write_json(out_path, result)
+    if "eps" in args.parts:
+        result["eps"] = part_eps(model, work, args.eps_steps, args.batch, args.seq, min(args.eval_chars, 6000),
+                                 args.rows_lr)
         atomic_write_json(out_path, result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1, default=str)[:6000])
     return result

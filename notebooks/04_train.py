@@ -11,7 +11,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -163,6 +163,10 @@ before
 # %% [markdown]
 # ## 3. Stage 1: only the new rows
 # Everything but the 20,000 input and output rows is frozen. The plot updates while it trains (in Colab).
+# AdamW's `eps` for these rows is half the gradient one occurrence of a token gives its row (measured on the first
+# batch): with the usual `1e-8`, Adam turns the tiny softmax push-down of each row whose token is *not* in the
+# step into a full step, and every new token gets less likely with each step (on SmolLM2 + 20k, 40 steps made
+# Turkish bits per character 6% worse instead of 2% better).
 
 # %%
 from trkit import curves
