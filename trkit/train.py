@@ -527,14 +527,15 @@ def row_eps(causal, batch: dict, labels_per_step: int, autocast=contextlib.nullc
     return ROW_EPS_FRACTION * float(h.pow(2).mean().sqrt()) / max(1, labels_per_step)
 
 
-def make_optimizer(built: Built, config: TrainConfig, device_type: str, row_eps: float | None = None):
-    """The optimizer over the trainable parameters; ``row_eps`` (AdamW / 8-bit AdamW) is the new rows'
-    ``eps`` (see :func:`row_eps`). SophiaG has no eps: its own clipping bounds every step."""
+def make_optimizer(built: Built, config: TrainConfig, device_type: str, rows_eps: float | None = None):
+    """The optimizer over the trainable parameters; ``rows_eps`` (AdamW / 8-bit AdamW) is the new rows'
+    ``eps`` (see :func:`row_eps`). SophiaG keeps the paper's update (it has no eps; its clipped steps on the
+    rows were not measured here)."""
     groups = new_rows_param_groups(built.model, config.lr, config.embedding_lr, weight_decay=config.weight_decay)
-    if row_eps is not None and config.optimizer != "sophia":
+    if rows_eps is not None and config.optimizer != "sophia":
         for g in groups:
             if g["name"] == "new_token_rows":
-                g["eps"] = float(row_eps)
+                g["eps"] = float(rows_eps)
     if config.optimizer == "adamw":
         import torch
 
