@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trkit import generation
+from trkit.evaluation import document_prefix_id
 from trkit.generation import Continuation, GenerationSettings
 
 TURKISH = [
@@ -128,6 +129,19 @@ def test_new_token_share_of_real_generations(ext_model, qwen3_tokenizer):
         _always(model, tok.eos_token_id)  # stops at once: reported, not hidden
         out = generation.measure(model, tok, prompts, TURKISH[:1], settings, base_tokenizer=qwen3_tokenizer, progress=False)
         assert out["stopped_early"] == 2 and out["generated_tokens"] == 2 and all(s["content_tokens"] == 0 for s in out["samples"])
+
+        # the document separator ends a continuation too, even where it is not the model's EOS:
+        # what a model writes after it is a new document, not the prompt's continuation
+        sep = document_prefix_id(tok)
+        saved_cfg, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+        saved_eos, tok.eos_token = tok.eos_token, "<|im_end|>"
+        try:
+            assert sep != tok.eos_token_id
+            _always(model, sep)
+            out = generation.measure(model, tok, prompts, TURKISH[:1], settings, base_tokenizer=qwen3_tokenizer, progress=False)
+            assert out["stopped_early"] == 2 and all(s["ids"] == [sep] for s in out["samples"])
+        finally:
+            tok.eos_token, model.generation_config.eos_token_id = saved_eos, saved_cfg
     finally:
         model.lm_head = old
 

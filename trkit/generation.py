@@ -12,7 +12,9 @@ Protocol (the same for every model, so rows of a report compare):
   model encodes the same prompt text with its own tokenizer, after the document separator that
   bits-per-character scoring also conditions on (``trkit.evaluation.document_prefix_id``);
 * decoding: a fresh ``GenerationConfig`` (no model-specific repetition penalty or sampling defaults),
-  ``max_new_tokens`` for every model, stopping only at the model's end-of-sequence ids; one greedy
+  ``max_new_tokens`` for every model, stopping only at the model's end-of-sequence ids and at the
+  document separator the prompt starts after (a model trained on packed documents ends one with it;
+  what follows is a new, unrelated document, not a continuation of the prompt); one greedy
   continuation per prompt and, with ``sample``, one sampled (``temperature``, ``top_p``, seeded per
   prompt). How many continuations stopped early is reported beside the rates, never hidden;
 * timing: one untimed warm-up generation first (first-call allocations, kernel selection), then each
@@ -142,8 +144,9 @@ def reference_stats(tokenizer, documents: Sequence[str], base_size: int | None) 
 # --------------------------------------------------------------------------------------------
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
+def _eos_ids(model, tokenizer, separator: int | None = None) -> list[int]:
+    """The ids that end a continuation: the model's and tokenizer's EOS, and the document separator."""
+    ids = set() if separator is None else {int(separator)}
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
         if source is None:
             continue
@@ -170,7 +173,7 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], settings: G
 
     device = next(model.parameters()).device
     prefix = document_prefix_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer, prefix)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else prefix)
     special = set(tokenizer.all_special_ids)
     modes = [("greedy", False)] + ([("sampled", True)] if settings.sample else [])
