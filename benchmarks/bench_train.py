@@ -281,20 +281,20 @@ def main(argv=None) -> dict:
                    "date": time.strftime("%Y-%m-%d")})
     from trkit.artifacts import atomic_write_json
 
+    def save(part: str, value: dict) -> None:  # each part keeps the date and model it was measured on
+        result[part] = {**value, "date": time.strftime("%Y-%m-%d"), "model": model}
+        atomic_write_json(out_path, result)
+
     if "loss" in args.parts:
-        result["loss"] = part_loss(model, work, args.loss_steps, args.checkpointing == "on")
-        atomic_write_json(out_path, result)
+        save("loss", part_loss(model, work, args.loss_steps, args.checkpointing == "on"))
     if "speed" in args.parts:
-        result["speed"] = part_speed(model, work, args.speed_steps)
-        atomic_write_json(out_path, result)
+        save("speed", part_speed(model, work, args.speed_steps))
     if "stages" in args.parts:
-        result["stages"] = part_stages(model, work, args.rows_steps, args.adapter_steps, args.eval_chars, args.batch,
-                                       args.seq, args.prompts, args.new_tokens, args.rows_lr, args.lr)
-        atomic_write_json(out_path, result)
+        save("stages", part_stages(model, work, args.rows_steps, args.adapter_steps, args.eval_chars, args.batch,
+                                   args.seq, args.prompts, args.new_tokens, args.rows_lr, args.lr))
     if "eps" in args.parts:
-        result["eps"] = part_eps(model, work, args.eps_steps, args.batch, args.seq, min(args.eval_chars, 6000),
-                                 args.rows_lr)
-        atomic_write_json(out_path, result)
+        save("eps", part_eps(model, work, args.eps_steps, args.batch, args.seq, min(args.eval_chars, 6000),
+                             args.rows_lr))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1, default=str)[:6000])
     return result
 
