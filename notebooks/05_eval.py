@@ -11,7 +11,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -64,6 +64,7 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters"]
 profile = "auto"        # auto | cpu | t4 | a100 | gpu
 workdir = ""            # empty: Drive on Colab, ./trkit-work elsewhere
+report_dir = ""         # empty: <workdir>/report (`trkit notebooks run` puts it at <out>/report)
 smoke = False           # tiny sizes, same code path (the test suite)
 base_model = "auto"     # auto: the profile's base model (cpu: SmolLM2-135M, GPU: Qwen/Qwen3-8B)
 turkish_chars = None    # None: the profile's sizes (trkit.report.PROFILE_SIZES)
@@ -116,7 +117,7 @@ if smoke:
     overrides = {**plans.plan("eval", prof.name, smoke=True), **{k: v for k, v in overrides.items() if v is not None}}
 if not lm_eval:
     overrides["tasks"] = ()
-out_dir = work / "report"
+out_dir = Path(report_dir) if report_dir else work / "report"
 result = report.evaluate_models(specs, out_dir, prof, overwrite=True,
                                 **{k: v for k, v in overrides.items() if v is not None})
 print(f"{len(specs)} models in {result['seconds'] / 60:.1f} min -> {out_dir}")

@@ -36,6 +36,15 @@ def test_runner_names_the_failing_cell(tmp_path):
         notebooks.run_notebook("99_broken", tmp_path / "out", {"profile": "cpu"}, directory=bad)
 
 
+def test_parameter_names_are_read_from_the_parameters_cell(tmp_path):
+    (tmp_path / "98_params.py").write_text(
+        '# %% [markdown]\n# # P\n\n# %% tags=["parameters"]\nprofile = "cpu"\nsteps: int = 3\na = b = 1\n\n'
+        "# %%\nnot_a_parameter = 2\n"
+    )
+    assert notebooks.parameter_names("98_params", tmp_path) == {"profile", "steps", "a", "b"}
+    assert "report_dir" in notebooks.parameter_names("05_eval")
+
+
 @pytest.mark.parametrize("name", notebooks.list_notebooks())
 def test_notebook_runs_headless_on_cpu(name, tmp_path_factory):
     """Every notebook, in order, on the cpu profile with the smoke sizes (same code paths, tiny sizes);
@@ -49,3 +58,5 @@ def test_notebook_runs_headless_on_cpu(name, tmp_path_factory):
     widgets = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert not widgets, f"{name}: {len(widgets)} progress widgets saved in a headless run"
     assert "\ufffd" not in json.dumps(nb, ensure_ascii=False), f"{name}: a replacement character is displayed"
+    if name == "05_eval":  # the report lands where the README says: <out>/report/report.md
+        assert (out / "report" / "report.md").is_file() and (out / "report" / "report.json").is_file()

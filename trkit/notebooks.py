@@ -138,20 +138,39 @@ def _locate_failure(executed: Path) -> tuple[int, str]:
     return number, heading
 
 
+def parameter_names(name: str, directory: Path | None = None) -> set[str]:
+    """The names a notebook's ``parameters`` cell assigns (what papermill may set without a warning)."""
+    import ast
+
+    import jupytext
+
+    nb = jupytext.read((directory or notebooks_dir()) / f"{name}.py")
+    names = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
 def run_notebooks(names: list[str] | None, profile: str, out: str | os.PathLike,
                   extra: dict | None = None) -> list[Path]:
-    """Run ``names`` (default: all, in order) on ``profile``; each writes into ``<out>/work``."""
+    """Run ``names`` (default: all, in order) on ``profile``; each writes its artifacts into
+    ``<out>/work``, the executed notebooks into ``<out>``, and 05_eval its report into ``<out>/report``."""
     out_dir = Path(out).resolve()
     names = names or list_notebooks()
     if not names:
         raise FileNotFoundError(f"no notebooks found in {notebooks_dir()}")
     workdir = out_dir / "work"
     params = {"profile": profile, "workdir": str(workdir), **(extra or {})}
+    layout = {"report_dir": str(out_dir / "report")}  # given only to notebooks that declare it
     done = []
     for name in names:
         t0 = time.time()
         print(f"[trkit] running {name} (profile={profile}) ...", flush=True)
-        path = run_notebook(name, out_dir, params)
+        declared = parameter_names(name)
+        path = run_notebook(name, out_dir, {**{k: v for k, v in layout.items() if k in declared}, **params})
         print(f"[trkit] {name} ok in {time.time() - t0:.0f}s -> {path}", flush=True)
         done.append(path)
     return done
