@@ -165,7 +165,7 @@ def part_eps(model: str, work: Path, steps: int, batch: int, seq: int, eval_char
 
 
 GENERATION_KEYS = ("chars_per_s", "tokens_per_s", "chars_per_token", "new_token_share", "reference_new_token_share",
-                   "turkish_share", "turkish_continuations", "continuations")
+                   "turkish_share", "turkish_continuations", "continuations", "stopped_early")
 
 
 def part_stages(model: str, work: Path, rows_steps: int, adapter_steps: int, eval_chars: int, batch: int,
