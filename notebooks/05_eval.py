@@ -73,6 +73,7 @@ prompts = None
 max_new_tokens = None
 morph_items = None      # TurkMorfBench items (0: all 1,836)
 lm_eval = True          # GPU profiles: also the lm-evaluation-harness tasks when lm_eval is installed
+model_cards = True      # put the tables in each evaluated training run's model card (RUN/README.md, RUN/adapter/README.md)
 
 # %% [markdown]
 # ## 1. The models to compare
@@ -121,10 +122,14 @@ out_dir = Path(report_dir) if report_dir else work / "report"
 result = report.evaluate_models(specs, out_dir, prof, overwrite=True,
                                 **{k: v for k, v in overrides.items() if v is not None})
 print(f"{len(specs)} models in {result['seconds'] / 60:.1f} min -> {out_dir}")
+if model_cards:
+    for run in report.add_to_model_cards(result):
+        print(f"tables added to the model card of {run}")
 
 # %% [markdown]
 # ## 3. The tables
-# The same Markdown is in `report/report.md` (and in the training stage's model card).
+# The same Markdown is in `report/report.md` and, with `model_cards`, in each training run's model card
+# (`README.md` beside the adapter, what `--push-to-hub` uploads).
 
 # %%
 from IPython.display import Markdown, display

@@ -60,3 +60,6 @@ def test_notebook_runs_headless_on_cpu(name, tmp_path_factory):
     assert "\ufffd" not in json.dumps(nb, ensure_ascii=False), f"{name}: a replacement character is displayed"
     if name == "05_eval":  # the report lands where the README says: <out>/report/report.md
         assert (out / "report" / "report.md").is_file() and (out / "report" / "report.json").is_file()
+        from trkit.report import CARD_SECTION  # and its tables are in the training run's model card
+
+        assert CARD_SECTION in (out / "work" / "train-adapters" / "README.md").read_text(encoding="utf-8")

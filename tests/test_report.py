@@ -155,3 +155,49 @@ def test_explicit_tasks_without_lm_eval_is_one_line(monkeypatch, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lm-evaluation-harness is not installed" in err and "pip install" in err
     assert len(err.splitlines()) == 1
+
+
+def _fake_run(root, name="run"):
+    """A directory laid out as ``trkit train`` leaves it: adapter (own manifest), a checkpoint, the log,
+    the model card twice, and the run's manifest over all of it."""
+    from trkit.artifacts import write_manifest
+
+    run = root / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "checkpoint-2").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00weights" * 64)
+    (run / "adapter" / "README.md").write_text("# run: Turkish adapter trained with trkit\n\nbefore/after\n")
+    write_manifest(run / "adapter", "train-adapter", model="m")
+    (run / "checkpoint-2" / "optimizer.safetensors").write_bytes(b"\x01state" * 64)
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    (run / "README.md").write_text("# run: Turkish adapter trained with trkit\n\nbefore/after\n")
+    write_manifest(run, "train", model="m", adapter="adapter", steps=2)
+    return run
+
+
+def test_report_tables_go_into_the_training_runs_model_cards(cli_run, tmp_path):
+    import os
+
+    from trkit.artifacts import read_manifest
+
+    _, rep = cli_run
+    run = _fake_run(tmp_path)
+    foreign = tmp_path / "foreign-adapter"  # not a trkit train output: never touched
+    foreign.mkdir()
+    (foreign / "README.md").write_text("mine\n")
+    rep = {**rep, "models": [{**rep["models"][0], "adapter": str(foreign)},
+                             {**rep["models"][1], "adapter": str(run / "adapter")}]}
+    inode = {p: os.stat(run / p).st_ino for p in ("adapter/adapter_model.safetensors", "checkpoint-2/optimizer.safetensors")}
+    for _ in range(2):  # a second evaluation replaces the section, it does not append another
+        assert report.add_to_model_cards(rep) == [run.resolve()]
+        for card in (run / "README.md", run / "adapter" / "README.md"):
+            text = card.read_text()
+            assert text.startswith("# run: Turkish adapter trained with trkit\n\nbefore/after\n")
+            assert text.count(report.CARD_SECTION) == 1 and "row **ext**" in text
+            assert text.endswith(report.markdown_tables(rep))
+        assert read_manifest(run, verify=True)["stage"] == "train"  # every hash true, the cards' included
+        assert read_manifest(run / "adapter", verify=True)["stage"] == "train-adapter"
+        # the other files are the same bytes, hard-linked rather than copied
+        assert {p: os.stat(run / p).st_ino for p in inode} == inode
+    assert (foreign / "README.md").read_text() == "mine\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no leftovers of the rebuild"

@@ -22,9 +22,10 @@ and benchmark items, one model in memory at a time (Qwen3-8B in 4-bit on a T4 fi
 The output directory holds ``report.json`` (for scripts: ``{"models": [{"label", "model", "adapter",
 "bits_per_char": {"turkish", "english", ...}, "tokens_per_word": {"turkish", "english"},
 "generation": {...}, "turkmorfbench": {...}, ...}]}``, accuracies and shares as fractions),
-``report.md`` (:func:`markdown_tables`, the same tables a model card embeds), four PNG plots and a
-``trkit_manifest.json``; all of it is written under a temporary name and renamed into place
-(:func:`trkit.artifacts.atomic_directory`). Every option is checked before the first model loads.
+``report.md`` (:func:`markdown_tables`), four PNG plots and a ``trkit_manifest.json``; all of it is
+written under a temporary name and renamed into place (:func:`trkit.artifacts.atomic_directory`).
+Every option is checked before the first model loads. :func:`add_to_model_cards` (``--model-cards``,
+notebook 05) puts the same tables in the model card of each evaluated training run.
 
 Sizes (characters of text, prompts, new tokens, benchmark items) default per hardware profile
 (:data:`PROFILE_SIZES`): the ``cpu`` profile measures less so the demo stays short; its numbers carry
@@ -410,7 +411,7 @@ def _ratio(value, first) -> str:
 
 
 def markdown_tables(report: dict) -> str:
-    """The report's tables as Markdown (also embedded in the training stage's model card)."""
+    """The report's tables as Markdown (also what :func:`add_to_model_cards` puts in a training run's card)."""
     models = report["models"]
     first = models[0] if models else {}
     extra = [k for k in (first.get("bits_per_char") or {}) if k not in ("turkish", "english")]
@@ -572,6 +573,76 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, overwrite: bool = 
     return Path(out_dir)
 
 
+CARD_SECTION = "## Evaluation (trkit evaluate)"
+
+
+def card_with_report(card: str, report: dict, label: str) -> str:
+    """``card`` with its evaluation section (if any) replaced by the report's tables."""
+    head = card.split("\n" + CARD_SECTION, 1)[0].rstrip("\n") if not card.startswith(CARD_SECTION) else ""
+    return (f"{head}\n\n{CARD_SECTION}\n\nThis adapter is the row **{label}** below, measured "
+            f"{time.strftime('%Y-%m-%d')} on the `{report.get('profile')}` profile beside the other models of the "
+            f"same report.\n\n{markdown_tables(report)}").lstrip("\n")
+
+
+def _refresh_manifest(directory: Path, manifest: dict, changed: Sequence[str]) -> None:
+    """Rewrite ``directory``'s manifest with new hashes for the ``changed`` files only (the others are the
+    same bytes, hard-linked: hashing a run's checkpoints again would read gigabytes)."""
+    from trkit.artifacts import MANIFEST_NAME, atomic_write_json, sha256_file
+
+    files, sizes = dict(manifest.get("files", {})), dict(manifest.get("sizes", {}))
+    for rel in changed:
+        files[rel], sizes[rel] = sha256_file(directory / rel), (directory / rel).stat().st_size
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)  # a hard link to the old run's file: never write through it
+    atomic_write_json(directory / MANIFEST_NAME, {**manifest, "files": files, "sizes": sizes})
+
+
+def add_to_model_cards(report: dict) -> list[Path]:
+    """Put the report's tables in the model card of every evaluated adapter that ``trkit train`` wrote
+    (``RUN/README.md`` and ``RUN/adapter/README.md``, the card ``--push-to-hub`` uploads); other adapters
+    are left alone. The run directory is rebuilt beside itself from hard links (copies where the
+    filesystem has none), with the two cards and their manifest entries replaced, and renamed into place:
+    a kill at any moment leaves the old run or the new one, and the manifests stay true."""
+    import shutil
+
+    from trkit.artifacts import atomic_directory, read_manifest
+
+    done = []
+    for m in report["models"]:
+        if not m.get("adapter"):
+            continue
+        adapter = Path(m["adapter"]).resolve()
+        run = adapter.parent
+        try:
+            run_manifest, adapter_manifest = read_manifest(run, verify=False), read_manifest(adapter, verify=False)
+        except (FileNotFoundError, ValueError):
+            continue
+        if (run_manifest.get("stage"), adapter_manifest.get("stage"), run_manifest.get("adapter")) != (
+                "train", "train-adapter", adapter.name):
+            continue
+        with atomic_directory(run, overwrite=True) as tmp:
+            for src in sorted(run.rglob("*")):
+                rel = src.relative_to(run)
+                if any(part.startswith(".") for part in rel.parts):
+                    continue  # leftovers of killed writes are not part of the run
+                if src.is_dir():
+                    (tmp / rel).mkdir(parents=True, exist_ok=True)
+                    continue
+                try:
+                    os.link(src, tmp / rel)
+                except OSError:  # no hard links here (e.g. a FUSE-mounted Drive): copy
+                    shutil.copy2(src, tmp / rel)
+            cards = ["README.md", f"{adapter.name}/README.md"]
+            for rel in cards:
+                path = tmp / rel
+                text = path.read_text(encoding="utf-8") if path.exists() else ""
+                path.unlink(missing_ok=True)  # a hard link: write a new file, never through the old run's
+                path.write_text(card_with_report(text, report, m["label"]), encoding="utf-8")
+            _refresh_manifest(tmp / adapter.name, adapter_manifest, ["README.md"])
+            _refresh_manifest(tmp, run_manifest, cards)
+        done.append(run)
+    return done
+
+
 # --------------------------------------------------------------------------------------------
 # CLI: python -m trkit evaluate --model A [--adapter X] [--label L] [--model B ...] --out DIR [--json]
 # --------------------------------------------------------------------------------------------
@@ -627,6 +698,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks-limit", type=positive_int, help="documents per lm-eval task (default: all)")
     parser.add_argument("--tasks-include", metavar="DIR", help="directory of extra lm-eval task YAMLs")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by trkit")
+    parser.add_argument("--model-cards", action="store_true",
+                        help="also put the tables in the model card of each evaluated adapter a trkit train run wrote")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -650,6 +723,9 @@ def run_cli(args: argparse.Namespace) -> int:
                              turkish_text=args.turkish_text, english_text=args.english_text, texts=args.text,
                              tasks_include=args.tasks_include, dtype=args.dtype, overwrite=args.overwrite,
                              progress=not args.quiet, **overrides)
+    if args.model_cards:
+        for run in add_to_model_cards(report):
+            print(f"added the tables to {run}/README.md and its adapter's model card", file=sys.stderr)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, allow_nan=False))
     else:
