@@ -201,3 +201,20 @@ def test_report_tables_go_into_the_training_runs_model_cards(cli_run, tmp_path):
         assert {p: os.stat(run / p).st_ino for p in inode} == inode
     assert (foreign / "README.md").read_text() == "mine\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no leftovers of the rebuild"
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_model_cards_flag_reaches_the_cards(flag, cli_run, tmp_path, monkeypatch, capsys):
+    """``evaluate --model-cards`` puts the tables in the evaluated run's card; without it the run is untouched."""
+    _, rep = cli_run
+    run = _fake_run(tmp_path)
+    (run / "adapter" / "adapter_config.json").write_text("{}")  # what check_specs looks for
+    card = (run / "README.md").read_text()
+    fake = {**rep, "models": [rep["models"][0], {**rep["models"][1], "adapter": str(run / "adapter")}]}
+    monkeypatch.setattr(report, "evaluate_models", lambda *a, **k: fake)  # the measuring is tested above
+    argv = ["evaluate", "--model", "qwen3-tiny", "--label", "base", "--model", "qwen3-tiny", "--adapter",
+            str(run / "adapter"), "--label", "ext", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv + (["--model-cards"] if flag else [])) == 0
+    text = (run / "README.md").read_text()
+    assert (report.CARD_SECTION in text) == flag and text.startswith(card)
+    capsys.readouterr()
