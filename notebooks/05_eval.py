@@ -129,7 +129,7 @@ if model_cards:
 # %% [markdown]
 # ## 3. The tables
 # The same Markdown is in `report/report.md` and, with `model_cards`, in each training run's model card
-# (`README.md` beside the adapter, what `--push-to-hub` uploads).
+# (`README.md` in the run and beside the adapter, the card that travels with the adapter to the hub).
 
 # %%
 from IPython.display import Markdown, display

@@ -598,8 +598,8 @@ def _refresh_manifest(directory: Path, manifest: dict, changed: Sequence[str]) -
 
 def add_to_model_cards(report: dict) -> list[Path]:
     """Put the report's tables in the model card of every evaluated adapter that ``trkit train`` wrote
-    (``RUN/README.md`` and ``RUN/adapter/README.md``, the card ``--push-to-hub`` uploads); other adapters
-    are left alone. The run directory is rebuilt beside itself from hard links (copies where the
+    (``RUN/README.md`` and ``RUN/adapter/README.md``, the adapter's own card, which travels with it to the
+    hub); other adapters are left alone. The run directory is rebuilt beside itself from hard links (copies where the
     filesystem has none), with the two cards and their manifest entries replaced, and renamed into place:
     a kill at any moment leaves the old run or the new one, and the manifests stay true."""
     import shutil
