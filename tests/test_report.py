@@ -197,10 +197,49 @@ def test_report_tables_go_into_the_training_runs_model_cards(cli_run, tmp_path):
             assert text.endswith(report.markdown_tables(rep))
         assert read_manifest(run, verify=True)["stage"] == "train"  # every hash true, the cards' included
         assert read_manifest(run / "adapter", verify=True)["stage"] == "train-adapter"
-        # the other files are the same bytes, hard-linked rather than copied
+        # the other files are untouched: same inode, same bytes
         assert {p: os.stat(run / p).st_ino for p in inode} == inode
     assert (foreign / "README.md").read_text() == "mine\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no leftovers of the rebuild"
+
+
+def test_model_cards_survive_sigkill_at_any_moment(cli_run, tmp_path):
+    """A real process updating the cards in a loop, killed with SIGKILL at random moments: every time, both
+    manifests verify (the adapter loads) and the card is the old one or the new one, never a half."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trkit.artifacts import read_manifest
+
+    _, rep = cli_run
+    run = _fake_run(tmp_path)
+    rep = {**rep, "models": [rep["models"][0], {**rep["models"][1], "adapter": str(run / "adapter")}]}
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    ready = tmp_path / "ready"
+    child = ("import json, pathlib, sys\nfrom trkit import report\n"
+             "rep = json.loads(pathlib.Path(sys.argv[1]).read_text())\nreport.add_to_model_cards(rep)\n"
+             "pathlib.Path(sys.argv[2]).touch()\nwhile True:\n    report.add_to_model_cards(rep)\n")
+    rng = random.Random(0)
+    for _ in range(4):
+        ready.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "report.json"), str(ready)])
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), "the child never finished its first update"
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        read_manifest(run, verify=True)
+        read_manifest(run / "adapter", verify=True)
+        for card in (run / "README.md", run / "adapter" / "README.md"):
+            text = card.read_text()
+            assert text.startswith("# run: Turkish adapter trained with trkit\n\nbefore/after\n")
+            assert text.count(report.CARD_SECTION) == 1 and text.endswith(report.markdown_tables(rep))
 
 
 @pytest.mark.parametrize("flag", [False, True])

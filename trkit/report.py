@@ -578,33 +578,32 @@ CARD_SECTION = "## Evaluation (trkit evaluate)"
 
 def card_with_report(card: str, report: dict, label: str) -> str:
     """``card`` with its evaluation section (if any) replaced by the report's tables."""
-    head = card.split("\n" + CARD_SECTION, 1)[0].rstrip("\n") if not card.startswith(CARD_SECTION) else ""
-    return (f"{head}\n\n{CARD_SECTION}\n\nThis adapter is the row **{label}** below, measured "
-            f"{time.strftime('%Y-%m-%d')} on the `{report.get('profile')}` profile beside the other models of the "
-            f"same report.\n\n{markdown_tables(report)}").lstrip("\n")
+    head = ("\n" + card).split("\n" + CARD_SECTION, 1)[0].strip("\n")
+    section = (f"{CARD_SECTION}\n\nThis adapter is the row **{label}** below, measured {time.strftime('%Y-%m-%d')} "
+               f"on the `{report.get('profile')}` profile beside the other models of the same report.\n\n"
+               f"{markdown_tables(report)}")
+    return f"{head}\n\n{section}" if head else section
 
 
-def _refresh_manifest(directory: Path, manifest: dict, changed: Sequence[str]) -> None:
-    """Rewrite ``directory``'s manifest with new hashes for the ``changed`` files only (the others are the
-    same bytes, hard-linked: hashing a run's checkpoints again would read gigabytes)."""
-    from trkit.artifacts import MANIFEST_NAME, atomic_write_json, sha256_file
+def _card_is_mutable(directory: Path, manifest: dict, cards: Sequence[str]) -> None:
+    """Take the model cards out of ``directory``'s hashed files (listed under ``mutable`` instead), so that
+    each later card write, atomic on its own, leaves a manifest that verifies whenever it is killed."""
+    from trkit.artifacts import MANIFEST_NAME, atomic_write_json
 
-    files, sizes = dict(manifest.get("files", {})), dict(manifest.get("sizes", {}))
-    for rel in changed:
-        files[rel], sizes[rel] = sha256_file(directory / rel), (directory / rel).stat().st_size
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)  # a hard link to the old run's file: never write through it
-    atomic_write_json(directory / MANIFEST_NAME, {**manifest, "files": files, "sizes": sizes})
+    if not any(rel in manifest.get("files", {}) for rel in cards):
+        return
+    files = {k: v for k, v in manifest["files"].items() if k not in cards}
+    sizes = {k: v for k, v in manifest.get("sizes", {}).items() if k not in cards}
+    atomic_write_json(directory / MANIFEST_NAME, {**manifest, "files": files, "sizes": sizes,
+                                                  "mutable": sorted({*manifest.get("mutable", []), *cards})})
 
 
 def add_to_model_cards(report: dict) -> list[Path]:
     """Put the report's tables in the model card of every evaluated adapter that ``trkit train`` wrote
     (``RUN/README.md`` and ``RUN/adapter/README.md``, the adapter's own card, which travels with it to the
-    hub); other adapters are left alone. The run directory is rebuilt beside itself from hard links (copies where the
-    filesystem has none), with the two cards and their manifest entries replaced, and renamed into place:
-    a kill at any moment leaves the old run or the new one, and the manifests stay true."""
-    import shutil
-
-    from trkit.artifacts import atomic_directory, read_manifest
+    hub); other adapters are left alone. Only the cards change: each is written under a temporary name and
+    renamed, after the manifests stop hashing them, so a kill at any moment leaves a run that loads."""
+    from trkit.artifacts import atomic_write_text, read_manifest
 
     done = []
     for m in report["models"]:
@@ -619,26 +618,13 @@ def add_to_model_cards(report: dict) -> list[Path]:
         if (run_manifest.get("stage"), adapter_manifest.get("stage"), run_manifest.get("adapter")) != (
                 "train", "train-adapter", adapter.name):
             continue
-        with atomic_directory(run, overwrite=True) as tmp:
-            for src in sorted(run.rglob("*")):
-                rel = src.relative_to(run)
-                if any(part.startswith(".") for part in rel.parts):
-                    continue  # leftovers of killed writes are not part of the run
-                if src.is_dir():
-                    (tmp / rel).mkdir(parents=True, exist_ok=True)
-                    continue
-                try:
-                    os.link(src, tmp / rel)
-                except OSError:  # no hard links here (e.g. a FUSE-mounted Drive): copy
-                    shutil.copy2(src, tmp / rel)
-            cards = ["README.md", f"{adapter.name}/README.md"]
-            for rel in cards:
-                path = tmp / rel
-                text = path.read_text(encoding="utf-8") if path.exists() else ""
-                path.unlink(missing_ok=True)  # a hard link: write a new file, never through the old run's
-                path.write_text(card_with_report(text, report, m["label"]), encoding="utf-8")
-            _refresh_manifest(tmp / adapter.name, adapter_manifest, ["README.md"])
-            _refresh_manifest(tmp, run_manifest, cards)
+        cards = ["README.md", f"{adapter.name}/README.md"]
+        _card_is_mutable(run, run_manifest, cards)
+        _card_is_mutable(adapter, adapter_manifest, ["README.md"])
+        for rel in cards:
+            path = run / rel
+            text = path.read_text(encoding="utf-8") if path.exists() else ""
+            atomic_write_text(path, card_with_report(text, report, m["label"]))
         done.append(run)
     return done
 
