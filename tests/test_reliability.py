@@ -226,6 +226,12 @@ def test_corpus_failure_leaves_no_work_directory(tmp_path, monkeypatch, capsys):
     assert _work_dirs(tmpdir) == [] and not (tmp_path / "o").exists()
 
 
+def _default_sigint():
+    """Ctrl-C as a terminal delivers it: a test suite started in the background (``cmd &`` in a script, as CI
+    runners may) passes SIGINT on as *ignored*, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_corpus_ctrl_c_leaves_nothing_behind(tmp_path, turkish_lines):
     """A real `python -m trkit corpus` interrupted with SIGINT while it filters: exit 130, no traceback,
     no work directory in TMPDIR, no output and no staging directory."""
@@ -235,7 +241,7 @@ def test_corpus_ctrl_c_leaves_nothing_behind(tmp_path, turkish_lines):
     src.write_text("\n".join(turkish_lines * 2) + "\n", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "trkit", "corpus", "--input", str(src), "--out",
                              str(tmp_path / "out"), "--quiet"], cwd=tmp_path, env=subprocess_env(tmpdir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 120
         while not _work_dirs(tmpdir) and proc.poll() is None and time.time() < deadline:
